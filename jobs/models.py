@@ -1,0 +1,306 @@
+"""Jobsite's records: the catalogue of runnable job types, and one row per run."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.db import models
+from django.db.models import Q
+from django.urls import reverse
+from django.utils import timezone
+
+
+class JobState(models.TextChoices):
+    PENDING = "PENDING", "Pending"
+    RECEIVED = "RECEIVED", "Received"
+    STARTED = "STARTED", "Started"
+    PROGRESS = "PROGRESS", "In progress"
+    RETRY = "RETRY", "Retrying"
+    SUCCESS = "SUCCESS", "Succeeded"
+    FAILURE = "FAILURE", "Failed"
+    REVOKED = "REVOKED", "Cancelled"
+
+
+FINISHED_STATES = frozenset({JobState.SUCCESS, JobState.FAILURE, JobState.REVOKED})
+ACTIVE_STATES = frozenset({JobState.RECEIVED, JobState.STARTED, JobState.PROGRESS, JobState.RETRY})
+
+
+class JobSource(models.TextChoices):
+    FORM = "form", "Web form"
+    API = "api", "API"
+    BEAT = "beat", "Schedule (beat)"
+    SCHEDULE_NOW = "schedule-now", "Schedule, run now"
+    RERUN = "rerun", "Rerun"
+    RETRY = "retry", "Retry"
+    WORKFLOW = "workflow", "Workflow step"
+    EXTERNAL = "external", "Other code (.delay)"
+
+
+class JobTypeQuerySet(models.QuerySet):
+    def enabled(self) -> JobTypeQuerySet:
+        return self.filter(enabled=True)
+
+    def runnable_by(self, user) -> JobTypeQuerySet:
+        """Enabled job types the user may submit: superusers all, others by group."""
+        qs = self.enabled()
+        if user.is_superuser:
+            return qs
+        return qs.filter(allowed_groups__in=user.groups.all()).distinct()
+
+
+class JobType(models.Model):
+    """A catalogued Celery task that people may run (declared in jobs/catalog.py)."""
+
+    name = models.SlugField("name", max_length=100, unique=True, editable=False)
+    task_name = models.CharField(
+        "Celery task",
+        max_length=200,
+        editable=False,
+        help_text="Set by the declaration in code; never typed by a user.",
+    )
+    title = models.CharField("title", max_length=200)
+    description = models.TextField("description", blank=True)
+    enabled = models.BooleanField(
+        "enabled", default=True, help_text="Disabled job types cannot be submitted."
+    )
+    allowed_groups = models.ManyToManyField(
+        Group,
+        verbose_name="groups that may run it",
+        blank=True,
+        related_name="runnable_job_types",
+        help_text="Members of these groups may submit this job type. Superusers always may.",
+    )
+    queue = models.CharField("default queue", max_length=100, default="default")
+    priority = models.PositiveSmallIntegerField(
+        "default priority", default=5, help_text="0 (lowest) to 9 (highest)."
+    )
+    countdown = models.PositiveIntegerField(
+        "default countdown (s)", default=0, help_text="Delay before the run may start."
+    )
+    expires = models.PositiveIntegerField(
+        "expires after (s)",
+        null=True,
+        blank=True,
+        help_text="A run not started this many seconds after submission is discarded.",
+    )
+    max_retries = models.PositiveSmallIntegerField("max retries", default=0)
+    retry_backoff = models.PositiveIntegerField(
+        "retry backoff (s)",
+        default=2,
+        help_text="First retry delay; doubled on every further retry, with jitter.",
+    )
+    retry_backoff_max = models.PositiveIntegerField("max retry delay (s)", default=600)
+    soft_time_limit = models.PositiveIntegerField(
+        "soft time limit (s)",
+        null=True,
+        blank=True,
+        help_text="The job is told to stop (SoftTimeLimitExceeded) and may clean up.",
+    )
+    time_limit = models.PositiveIntegerField(
+        "hard time limit (s)",
+        null=True,
+        blank=True,
+        help_text="The worker process running the job is killed.",
+    )
+    created_at = models.DateTimeField("created", auto_now_add=True)
+    updated_at = models.DateTimeField("updated", auto_now=True)
+
+    objects = JobTypeQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["title"]
+        verbose_name = "job type"
+
+    def __str__(self) -> str:
+        return self.title
+
+    def get_absolute_url(self) -> str:
+        return reverse("jobs-submit", args=[self.name])
+
+    @property
+    def spec(self):
+        from jobs import catalog
+
+        return catalog.get(self.name)
+
+    def is_runnable_by(self, user) -> bool:
+        return JobType.objects.runnable_by(user).filter(pk=self.pk).exists()
+
+
+class JobQuerySet(models.QuerySet):
+    def visible_to(self, user) -> JobQuerySet:
+        """Users see their own runs; `jobs.view_all_jobs` shows everyone's."""
+        if user.has_perm("jobs.view_all_jobs"):
+            return self
+        return self.filter(submitted_by=user)
+
+    def unfinished(self) -> JobQuerySet:
+        return self.exclude(state__in=FINISHED_STATES)
+
+    def running(self) -> JobQuerySet:
+        return self.filter(state__in=ACTIVE_STATES)
+
+    def unsent(self) -> JobQuerySet:
+        return self.filter(state=JobState.PENDING, sent_at__isnull=True)
+
+
+class Job(models.Model):
+    """One run of a job type; its primary key is the Celery task id."""
+
+    id = models.CharField("run id", max_length=255, primary_key=True)
+    job_type = models.ForeignKey(
+        JobType,
+        verbose_name="job type",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="jobs",
+    )
+    task_name = models.CharField("Celery task", max_length=200)
+    params = models.JSONField("parameters", default=dict, blank=True)
+    options = models.JSONField(
+        "options", default=dict, blank=True, help_text="Queue, priority, retries, time limits."
+    )
+    state = models.CharField(
+        "state", max_length=16, choices=JobState.choices, default=JobState.PENDING
+    )
+    source = models.CharField(
+        "source", max_length=16, choices=JobSource.choices, default=JobSource.FORM
+    )
+    submitted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name="submitted by",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="jobs",
+    )
+    schedule = models.ForeignKey(
+        "django_celery_beat.PeriodicTask",
+        verbose_name="schedule",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="jobs",
+    )
+    schedule_name = models.CharField("schedule name", max_length=200, blank=True)
+    parent = models.ForeignKey(
+        "self",
+        verbose_name="rerun of",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="reruns",
+    )
+    workflow_id = models.CharField(
+        "workflow (root task id)", max_length=255, blank=True, db_index=True
+    )
+    queue = models.CharField("queue", max_length=100, blank=True)
+    priority = models.PositiveSmallIntegerField("priority", null=True, blank=True)
+    idempotency_key = models.CharField("idempotency key", max_length=200, null=True, blank=True)
+
+    created_at = models.DateTimeField("submitted", default=timezone.now)
+    sent_at = models.DateTimeField(
+        "sent to broker", null=True, blank=True, help_text="Empty while waiting for the broker."
+    )
+    eta = models.DateTimeField("not before", null=True, blank=True)
+    expires_at = models.DateTimeField("expires", null=True, blank=True)
+    received_at = models.DateTimeField("received", null=True, blank=True)
+    started_at = models.DateTimeField("started", null=True, blank=True)
+    finished_at = models.DateTimeField("finished", null=True, blank=True)
+    worker = models.CharField("worker", max_length=255, blank=True)
+
+    retries = models.PositiveSmallIntegerField("retries", default=0)
+    retry_history = models.JSONField(
+        "retry history", default=list, blank=True, help_text="One entry per retry."
+    )
+    progress_current = models.BigIntegerField("progress", null=True, blank=True)
+    progress_total = models.BigIntegerField("progress total", null=True, blank=True)
+    progress_message = models.CharField("progress message", max_length=500, blank=True)
+
+    result = models.JSONField("result", null=True, blank=True)
+    result_file = models.CharField(
+        "result file", max_length=500, blank=True, help_text="Relative to MEDIA_ROOT."
+    )
+    exception_type = models.CharField("exception", max_length=255, blank=True)
+    error_message = models.TextField("error", blank=True)
+    traceback = models.TextField("traceback", blank=True)
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "run"
+        permissions = [("view_all_jobs", "Can see every user's runs")]
+        indexes = [
+            models.Index(fields=["-created_at", "-id"], name="job_newest"),
+            models.Index(fields=["submitted_by", "-created_at", "-id"], name="job_user_newest"),
+            models.Index(fields=["state", "-created_at", "-id"], name="job_state_newest"),
+            models.Index(fields=["job_type", "-created_at", "-id"], name="job_type_newest"),
+            models.Index(fields=["queue", "-created_at", "-id"], name="job_queue_newest"),
+            models.Index(fields=["schedule", "-created_at", "-id"], name="job_schedule_newest"),
+            models.Index(
+                fields=["created_at"],
+                name="job_unsent",
+                condition=Q(state="PENDING", sent_at__isnull=True),
+            ),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["submitted_by", "idempotency_key"],
+                name="job_idempotency_key_per_user",
+                condition=Q(idempotency_key__isnull=False),
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.id}]"
+
+    def get_absolute_url(self) -> str:
+        return reverse("jobs-detail", args=[self.id])
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    @property
+    def progress_percent(self) -> int | None:
+        if not self.progress_total:
+            return None
+        return max(0, min(100, round(100 * (self.progress_current or 0) / self.progress_total)))
+
+    @property
+    def result_file_name(self) -> str:
+        return self.result_file.rsplit("/", 1)[-1]
+
+    @property
+    def wait_time(self) -> timedelta | None:
+        if not self.started_at:
+            return None
+        return self.started_at - max(self.created_at, self.eta or self.created_at)
+
+    @property
+    def runtime(self) -> timedelta | None:
+        if not self.started_at or not self.finished_at:
+            return None
+        return self.finished_at - self.started_at
+
+
+class JobLog(models.Model):
+    """A log line a run wrote while it ran (captured by the worker)."""
+
+    job = models.ForeignKey(Job, verbose_name="run", on_delete=models.CASCADE, related_name="logs")
+    created_at = models.DateTimeField("time")
+    level = models.CharField("level", max_length=10)
+    logger = models.CharField("logger", max_length=200, blank=True)
+    message = models.TextField("message")
+
+    class Meta:
+        ordering = ["job", "created_at", "id"]
+        verbose_name = "log line"
+        indexes = [models.Index(fields=["job", "created_at", "id"], name="joblog_job_time")]
+
+    def __str__(self) -> str:
+        return f"{self.level} {self.message[:80]}"

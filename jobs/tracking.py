@@ -1,0 +1,291 @@
+"""Worker side: turning Celery's lifecycle into Job state.
+
+Every state Celery stores goes through the result backend (jobs.backends), which
+calls ``record_state`` here: STARTED (task_track_started), RETRY, SUCCESS, FAILURE and
+REVOKED. RECEIVED comes from the ``task_received`` signal, PROGRESS from
+``report_progress``; log lines a run writes are buffered and stored as JobLog rows.
+Runs that Jobsite did not create (beat, chains, plain ``.delay()``) get their Job row
+here the first time the worker sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from celery import Task, current_task, states
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+logger = logging.getLogger(__name__)
+
+MAX_LOG_LINES = 1000
+MAX_LOG_MESSAGE = 10_000
+PROGRESS_MIN_INTERVAL = 0.3  # seconds between two progress writes of one run
+
+
+class JobTask(Task):
+    """Base class of catalogued tasks: per-run retry policy taken from the message."""
+
+    def retry_job(self, exc: Exception | None = None, *, reason: str = ""):
+        """Retry with this run's max_retries and exponential backoff with jitter.
+
+        The limits come from the run's options (headers set at submit), so an admin's
+        change to a job type's defaults applies to new runs without a worker restart.
+        """
+        request = self.request
+        max_retries = _header(request, "jobsite_max_retries", self.max_retries or 0)
+        base = _header(request, "jobsite_retry_backoff", 2)
+        cap = _header(request, "jobsite_retry_backoff_max", 600)
+        delay = min(cap, base * (2**request.retries))
+        countdown = round(random.uniform(delay / 2, delay), 3) if delay else 0
+        request.jobsite_next_retry = timezone.now() + timedelta(seconds=countdown)
+        request.jobsite_retry_reason = reason or (repr(exc) if exc else "")
+        return self.retry(exc=exc, countdown=countdown, max_retries=max_retries)
+
+
+def _header(request, name: str, default):
+    value = getattr(request, name, None)
+    if value is None:
+        value = (request.headers or {}).get(name) if getattr(request, "headers", None) else None
+    return default if value is None else value
+
+
+def report_progress(current: int, total: int, message: str = "") -> None:
+    """Called by a running job: store how far it got (throttled), and flush its logs."""
+    task = current_task
+    if task is None or not task.request.id:
+        return
+    request = task.request
+    now = time.monotonic()
+    last = getattr(request, "jobsite_progress_at", 0.0)
+    if current < total and now - last < PROGRESS_MIN_INTERVAL:
+        return
+    request.jobsite_progress_at = now
+    from jobs.models import Job, JobState
+
+    Job.objects.filter(pk=request.id, state__in=[JobState.STARTED, JobState.PROGRESS]).update(
+        state=JobState.PROGRESS,
+        progress_current=current,
+        progress_total=total,
+        progress_message=message[:500],
+    )
+    log_capture.flush(request.id)
+
+
+def result_file_path(filename: str) -> Path:
+    """A path under MEDIA_ROOT where the running job may write its result file.
+
+    The file is linked to the run when it finishes (downloadable from the run page).
+    """
+    request = current_task.request
+    relative = Path("results") / request.id / Path(filename).name
+    absolute = Path(settings.MEDIA_ROOT) / relative
+    absolute.parent.mkdir(parents=True, exist_ok=True)
+    request.jobsite_result_file = str(relative)
+    return absolute
+
+
+# --- Recording states ---------------------------------------------------------
+
+
+def record_received(request) -> None:
+    from jobs.models import Job, JobState
+
+    Job.objects.filter(pk=request.id, state=JobState.PENDING).update(
+        state=JobState.RECEIVED, received_at=timezone.now(), worker=request.hostname or ""
+    )
+
+
+def record_state(task_id: str, status: str, result, traceback: str | None, request) -> None:
+    """Store one Celery state transition on the run's Job row (creating it if needed)."""
+    from jobs.models import FINISHED_STATES, Job
+
+    fields = _fields_for(status, result, traceback, request)
+    if status == states.RETRY:
+        _record_retry(task_id, fields, request)
+        return
+    updated = Job.objects.filter(pk=task_id).exclude(state__in=FINISHED_STATES).update(**fields)
+    if not updated and not Job.objects.filter(pk=task_id).exists():
+        _create_from_request(task_id, request, fields)
+
+
+def _fields_for(status: str, result, traceback: str | None, request) -> dict:
+    now = timezone.now()
+    fields: dict = {"state": status}
+    hostname = getattr(request, "hostname", None)
+    if hostname:
+        fields["worker"] = hostname
+    if status == states.STARTED:
+        fields["started_at"] = now
+    elif status == states.SUCCESS:
+        fields.update(finished_at=now, result=result)
+        result_file = getattr(request, "jobsite_result_file", None)
+        if result_file:
+            fields["result_file"] = result_file
+    elif status in (states.FAILURE, states.REVOKED):
+        exc_type, message = _exception_parts(result)
+        fields.update(
+            finished_at=now,
+            exception_type=exc_type,
+            error_message=message,
+            traceback=traceback or "",
+        )
+    return fields
+
+
+def _exception_parts(result) -> tuple[str, str]:
+    if isinstance(result, dict) and "exc_type" in result:
+        message = result.get("exc_message") or ""
+        if isinstance(message, (list, tuple)):
+            message = " ".join(str(part) for part in message)
+        return str(result["exc_type"]), str(message)
+    return "", "" if result is None else str(result)
+
+
+def _record_retry(task_id: str, fields: dict, request) -> None:
+    from jobs.models import Job
+
+    # Retries are rare, so a read-modify-write of the history is affordable here.
+    with transaction.atomic():
+        job = Job.objects.select_for_update().filter(pk=task_id).first()
+        if job is None:
+            _create_from_request(task_id, request, fields)
+            return
+        next_at: datetime | None = getattr(request, "jobsite_next_retry", None)
+        job.retries = (getattr(request, "retries", 0) or 0) + 1
+        job.retry_history = [
+            *job.retry_history,
+            {
+                "attempt": job.retries,
+                "at": timezone.now().isoformat(),
+                "reason": getattr(request, "jobsite_retry_reason", "")[:1000],
+                "next_attempt_at": next_at.isoformat() if next_at else None,
+            },
+        ]
+        job.state = fields["state"]
+        job.save(update_fields=["retries", "retry_history", "state"])
+
+
+def _create_from_request(task_id: str, request, fields: dict) -> None:
+    """First sight of a run Jobsite did not submit: beat, workflows, plain .delay()."""
+    from jobs import catalog
+    from jobs.models import Job, JobSource, JobType
+
+    task_name = getattr(request, "task", None) or getattr(request, "name", "") or ""
+    spec = catalog.by_task_name(task_name)
+    schedule_name = getattr(request, "periodic_task_name", None) or ""
+    root_id = getattr(request, "root_id", None) or ""
+    if schedule_name:
+        source = JobSource.BEAT
+    elif root_id and root_id != task_id:
+        source = JobSource.WORKFLOW
+    else:
+        source = JobSource.EXTERNAL
+    delivery = getattr(request, "delivery_info", None) or {}
+    params = dict(getattr(request, "kwargs", None) or {})
+    args = getattr(request, "args", None)
+    if args:
+        params["_args"] = list(args)
+    job = Job(
+        id=task_id,
+        task_name=task_name,
+        job_type=JobType.objects.filter(name=spec.name).first() if spec else None,
+        params=params,
+        source=source,
+        schedule_name=schedule_name,
+        schedule_id=_schedule_id(schedule_name),
+        workflow_id=root_id if root_id != task_id else "",
+        queue=delivery.get("routing_key") or "",
+        priority=delivery.get("priority"),
+        sent_at=timezone.now(),
+        **fields,
+    )
+    try:
+        with transaction.atomic():
+            job.save(force_insert=True)
+    except IntegrityError:
+        # Another process created it in between: apply our transition to that row.
+        Job.objects.filter(pk=task_id).update(**fields)
+
+
+def _schedule_id(name: str) -> int | None:
+    if not name:
+        return None
+    from django_celery_beat.models import PeriodicTask
+
+    return PeriodicTask.objects.filter(name=name).values_list("pk", flat=True).first()
+
+
+# --- Log capture --------------------------------------------------------------
+
+_IGNORED_LOGGERS = ("celery", "kombu", "amqp", "django.db", "urllib3")
+
+
+class JobLogCapture(logging.Handler):
+    """Buffers the log records a run writes, and stores them as JobLog rows."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.buffers: dict[str, list] = {}
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(_IGNORED_LOGGERS) or record.name == __name__:
+            return
+        task = current_task
+        task_id = task.request.id if task is not None else None
+        if not task_id or task_id not in self.buffers:
+            return
+        if self.counts[task_id] >= MAX_LOG_LINES:
+            return
+        self.counts[task_id] += 1
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not break the job
+            message = str(record.msg)
+        self.buffers[task_id].append(
+            (
+                datetime.fromtimestamp(record.created, tz=timezone.get_current_timezone()),
+                record.levelname,
+                record.name,
+                message[:MAX_LOG_MESSAGE],
+            )
+        )
+
+    def start(self, task_id: str) -> None:
+        self.buffers[task_id] = []
+        self.counts[task_id] = 0
+
+    def flush(self, task_id: str | None = None) -> None:  # type: ignore[override]
+        if task_id is None or not self.buffers.get(task_id):
+            return
+        from jobs.models import JobLog
+
+        lines, self.buffers[task_id] = self.buffers[task_id], []
+        rows = [
+            JobLog(job_id=task_id, created_at=at, level=level, logger=name, message=message)
+            for at, level, name, message in lines
+        ]
+        try:
+            JobLog.objects.bulk_create(rows)
+        except IntegrityError:
+            logger.warning("Could not store %d log lines of run %s", len(rows), task_id)
+
+    def stop(self, task_id: str) -> None:
+        self.flush(task_id)
+        self.buffers.pop(task_id, None)
+        self.counts.pop(task_id, None)
+
+
+log_capture = JobLogCapture()
+
+
+def install_log_capture() -> None:
+    root = logging.getLogger()
+    if log_capture not in root.handlers:
+        root.addHandler(log_capture)

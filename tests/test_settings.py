@@ -1,0 +1,85 @@
+"""Settings come from the environment; a bad value names the variable."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_settings(env: dict) -> subprocess.CompletedProcess:
+    base = {"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "jobsite.settings"}
+    return subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+PRODUCTION = {
+    "DATABASE_URL": "postgres://u@127.0.0.1:5432/x",
+    "DJANGO_SECRET_KEY": "x" * 60,
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({**PRODUCTION, "DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG"),
+        ({**PRODUCTION, "DATABASE_URL": "oracle-ish://nope"}, "DATABASE_URL"),
+        ({**PRODUCTION, "CELERY_BROKER_URL": "http://broker"}, "CELERY_BROKER_URL"),
+        ({**PRODUCTION, "JOBSITE_REDIS_URL": "memcached://x"}, "JOBSITE_REDIS_URL"),
+        ({**PRODUCTION, "DJANGO_TIME_ZONE": "Mars/Olympus"}, "DJANGO_TIME_ZONE"),
+        ({**PRODUCTION, "JOBSITE_MAX_PARAMS_BYTES": "lots"}, "JOBSITE_MAX_PARAMS_BYTES"),
+        ({"DATABASE_URL": "postgres://u@127.0.0.1:5432/x"}, "DJANGO_SECRET_KEY"),
+        ({**PRODUCTION, "DJANGO_SECRET_KEY": "short"}, "DJANGO_SECRET_KEY"),
+    ],
+)
+def test_a_bad_value_stops_start_up_with_a_message_naming_the_variable(env, variable, tmp_path):
+    result = _load_settings({**env, "JOBSITE_VAR_DIR": str(tmp_path)})
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert variable in result.stderr
+
+
+def test_production_settings_load(tmp_path):
+    env = {
+        **PRODUCTION,
+        "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
+        "JOBSITE_VAR_DIR": str(tmp_path),
+    }
+    result = _load_settings(env)
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_embedded_default_needs_no_environment(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import django; django.setup(); from django.conf import settings as s; "
+            "print(s.DEBUG, s.DATABASES['default']['ENGINE'], s.CELERY_BROKER_URL)",
+        ],
+        cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "DJANGO_SETTINGS_MODULE": "jobsite.settings",
+            "JOBSITE_VAR_DIR": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    debug, engine, broker = result.stdout.split()
+    assert debug == "True"
+    assert engine == "django.db.backends.sqlite3"
+    assert broker == f"redis+socket://{tmp_path}/redis.sock"
