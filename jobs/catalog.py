@@ -39,7 +39,15 @@ class JobSpec:
     soft_time_limit: int | None = None
     time_limit: int | None = None
     expires: int | None = None
+    secret_fields: tuple[str, ...] = ()
     task_options: dict = field(default_factory=dict)
+
+    def mask(self, params: dict) -> dict:
+        """Parameters with secret fields replaced, for pages, the API, logs and audit."""
+        return {
+            k: (MASK if k in self.secret_fields and v not in ("", None) else v)
+            for k, v in params.items()
+        }
 
     def defaults(self) -> dict:
         """The JobType row's initial values."""
@@ -67,6 +75,7 @@ class JobSpec:
         return to_json(form.cleaned_data), {}
 
 
+MASK = "••••••"
 _registry: dict[str, JobSpec] = {}
 
 
@@ -88,6 +97,7 @@ def job(
     soft_time_limit: int | None = None,
     time_limit: int | None = None,
     expires: int | None = None,
+    secret_fields: tuple[str, ...] = (),
     **task_options,
 ) -> Callable:
     """Declare a function as a Celery task that people may run as a job type."""
@@ -110,6 +120,7 @@ def job(
                 soft_time_limit=soft_time_limit,
                 time_limit=time_limit,
                 expires=expires,
+                secret_fields=tuple(secret_fields),
                 task_options=task_options,
             )
         )

@@ -21,9 +21,11 @@ class JobState(models.TextChoices):
     SUCCESS = "SUCCESS", "Succeeded"
     FAILURE = "FAILURE", "Failed"
     REVOKED = "REVOKED", "Cancelled"
+    LOST = "LOST", "Lost"
 
 
-FINISHED_STATES = frozenset({JobState.SUCCESS, JobState.FAILURE, JobState.REVOKED})
+FINISHED_STATES = frozenset({JobState.SUCCESS, JobState.FAILURE, JobState.REVOKED, JobState.LOST})
+RETRYABLE_STATES = frozenset({JobState.FAILURE, JobState.REVOKED, JobState.LOST})
 ACTIVE_STATES = frozenset({JobState.RECEIVED, JobState.STARTED, JobState.PROGRESS, JobState.RETRY})
 
 
@@ -227,13 +229,22 @@ class Job(models.Model):
     exception_type = models.CharField("exception", max_length=255, blank=True)
     error_message = models.TextField("error", blank=True)
     traceback = models.TextField("traceback", blank=True)
+    duplicates_skipped = models.PositiveIntegerField(
+        "duplicate deliveries skipped",
+        default=0,
+        help_text="Times the same run was delivered again and not executed twice.",
+    )
 
     objects = JobQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]
         verbose_name = "run"
-        permissions = [("view_all_jobs", "Can see every user's runs")]
+        permissions = [
+            ("view_all_jobs", "Can see every user's runs"),
+            ("control_jobs", "Can cancel, retry and rerun the runs they see"),
+            ("manage_workers", "Can control workers and queues"),
+        ]
         indexes = [
             models.Index(fields=["-created_at", "-id"], name="job_newest"),
             models.Index(fields=["submitted_by", "-created_at", "-id"], name="job_user_newest"),
@@ -304,3 +315,168 @@ class JobLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.level} {self.message[:80]}"
+
+
+class AuditAction(models.TextChoices):
+    SUBMIT = "submit", "Submit"
+    CANCEL = "cancel", "Cancel"
+    TERMINATE = "terminate", "Terminate"
+    RETRY = "retry", "Retry"
+    RERUN = "rerun", "Rerun"
+    DELETE = "delete", "Delete"
+    PURGE = "purge", "Purge queue"
+    PAUSE = "pause", "Pause queue"
+    RESUME = "resume", "Resume queue"
+    POOL_GROW = "pool_grow", "Grow pool"
+    POOL_SHRINK = "pool_shrink", "Shrink pool"
+    CONSUMER_ADD = "consumer_add", "Add queue consumer"
+    CONSUMER_CANCEL = "consumer_cancel", "Cancel queue consumer"
+    SHUTDOWN = "shutdown", "Shut down worker"
+    SCHEDULE_CREATE = "schedule_create", "Create schedule"
+    SCHEDULE_CHANGE = "schedule_change", "Change schedule"
+    SCHEDULE_DELETE = "schedule_delete", "Delete schedule"
+    SCHEDULE_ENABLE = "schedule_enable", "Enable schedule"
+    SCHEDULE_DISABLE = "schedule_disable", "Disable schedule"
+    SCHEDULE_RUN_NOW = "schedule_run_now", "Run schedule now"
+    TOKEN_CREATE = "token_create", "Create API token"
+    TOKEN_REVOKE = "token_revoke", "Revoke API token"
+    JOBTYPE_CHANGE = "jobtype_change", "Change job type"
+
+
+class AuditOutcome(models.TextChoices):
+    OK = "ok", "Done"
+    FAILED = "failed", "Failed"
+    DENIED = "denied", "Denied"
+
+
+class AuditEntry(models.Model):
+    """Who did what to which target, when, and how it ended."""
+
+    created_at = models.DateTimeField("time", default=timezone.now, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name="who",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="audit_entries",
+    )
+    actor_name = models.CharField(
+        "who (name)", max_length=150, blank=True, help_text="Kept when the user is deleted."
+    )
+    action = models.CharField("action", max_length=32, choices=AuditAction.choices)
+    target_type = models.CharField(
+        "target type", max_length=32, help_text="run, queue, worker, schedule, ..."
+    )
+    target_id = models.CharField("target", max_length=255)
+    target_repr = models.CharField("target (name)", max_length=300, blank=True)
+    outcome = models.CharField(
+        "outcome", max_length=10, choices=AuditOutcome.choices, default=AuditOutcome.OK
+    )
+    details = models.JSONField("details", default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "audit entry"
+        verbose_name_plural = "audit entries"
+        indexes = [
+            models.Index(fields=["target_type", "target_id", "-created_at"], name="audit_target"),
+            models.Index(fields=["actor", "-created_at"], name="audit_actor"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.actor_name} {self.action} {self.target_type}:{self.target_id}"
+
+
+class ApiToken(models.Model):
+    """A per-user API token; only a hash of the secret is stored."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name="user",
+        on_delete=models.CASCADE,
+        related_name="api_tokens",
+    )
+    name = models.CharField("name", max_length=100, help_text="What the token is for.")
+    prefix = models.CharField("prefix", max_length=12, db_index=True, editable=False)
+    key_hash = models.CharField("key hash (SHA-256)", max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField("created", auto_now_add=True)
+    last_used_at = models.DateTimeField("last used", null=True, blank=True)
+    revoked_at = models.DateTimeField("revoked", null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class AlertRule(models.Model):
+    """When to notify whom: a run failing for good, a missed schedule, a lost heartbeat."""
+
+    name = models.CharField("name", max_length=100)
+    enabled = models.BooleanField("enabled", default=True)
+    job_type = models.ForeignKey(
+        JobType,
+        verbose_name="job type",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="alert_rules",
+        help_text="Empty: every job type.",
+    )
+    on_failure = models.BooleanField("when a run fails permanently", default=True)
+    on_schedule_missed = models.BooleanField("when a schedule misses its run", default=False)
+    on_heartbeat_lost = models.BooleanField("when beat or all workers go silent", default=False)
+    emails = models.TextField("e-mail to", blank=True, help_text="Comma-separated addresses.")
+    webhook_url = models.URLField("webhook URL", blank=True)
+    webhook_secret = models.CharField(
+        "webhook secret", max_length=200, blank=True, help_text="Signs the body (HMAC-SHA256)."
+    )
+    min_interval = models.PositiveIntegerField(
+        "at most one message per (s)",
+        default=300,
+        help_text="Further alerts within this time are counted into the next message.",
+    )
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "alert rule"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Alert(models.Model):
+    """One alert raised by a rule, and how its delivery went."""
+
+    rule = models.ForeignKey(
+        AlertRule, verbose_name="rule", on_delete=models.CASCADE, related_name="alerts"
+    )
+    created_at = models.DateTimeField("time", default=timezone.now, db_index=True)
+    kind = models.CharField("kind", max_length=32)
+    job = models.ForeignKey(
+        Job, verbose_name="run", null=True, blank=True, on_delete=models.SET_NULL
+    )
+    subject = models.CharField("subject", max_length=300)
+    payload = models.JSONField("payload", default=dict, blank=True)
+    suppressed = models.PositiveIntegerField(
+        "similar alerts folded in",
+        default=0,
+        help_text="Rate-limited alerts counted into this one.",
+    )
+    email_sent = models.BooleanField("e-mail sent", default=False)
+    webhook_status = models.CharField("webhook status", max_length=100, blank=True)
+    error = models.TextField("delivery error", blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "alert"
+
+    def __str__(self) -> str:
+        return self.subject

@@ -4,7 +4,10 @@ from jobs import catalog, tracking
 
 
 def sync_catalog(sender, **kwargs) -> None:
+    from jobs.roles import setup_roles
+
     catalog.sync()
+    setup_roles()
 
 
 def on_task_received(sender=None, request=None, **kwargs) -> None:

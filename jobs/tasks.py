@@ -14,6 +14,7 @@ import random
 import time
 from datetime import date, timedelta
 
+from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.core.mail import send_mail as django_send_mail
 
@@ -153,3 +154,17 @@ def long_sleep(self, *, seconds: int) -> dict:
         time.sleep(1)
         report_progress(second + 1, seconds, f"{second + 1} s of {seconds} s")
     return {"slept": seconds}
+
+
+# --- Maintenance (not job types: named jobsite.*, never shown as runs) ------------
+
+
+@shared_task(name="jobsite.terminate_followup", ignore_result=True)
+def terminate_followup(job_id: str) -> None:
+    """SIGKILL a terminated run that did not stop within its grace period."""
+    from jobs.models import FINISHED_STATES, Job
+
+    state = Job.objects.filter(pk=job_id).values_list("state", flat=True).first()
+    if state is not None and state not in FINISHED_STATES:
+        logger.warning("Run %s ignored SIGTERM; sending SIGKILL", job_id)
+        terminate_followup.app.control.revoke(job_id, terminate=True, signal="SIGKILL")

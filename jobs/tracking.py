@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from celery import Task, current_task, states
+from celery.exceptions import Ignore
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -26,10 +27,21 @@ logger = logging.getLogger(__name__)
 MAX_LOG_LINES = 1000
 MAX_LOG_MESSAGE = 10_000
 PROGRESS_MIN_INTERVAL = 0.3  # seconds between two progress writes of one run
+MAINTENANCE_PREFIX = "jobsite."  # Jobsite's own tasks: not runs, not recorded
 
 
 class JobTask(Task):
-    """Base class of catalogued tasks: per-run retry policy taken from the message."""
+    """Base class of catalogued tasks: skips cancelled runs; per-run retry policy."""
+
+    def __call__(self, *args, **kwargs):
+        from jobs import guard
+
+        task_id = self.request.id
+        if task_id and guard.is_revoked(task_id):
+            # Cancelled before it started: never execute, whenever the message arrives.
+            logger.info("Run %s was cancelled before it started; skipping it", task_id)
+            raise Ignore()
+        return super().__call__(*args, **kwargs)
 
     def retry_job(self, exc: Exception | None = None, *, reason: str = ""):
         """Retry with this run's max_retries and exponential backoff with jitter.
@@ -105,6 +117,9 @@ def record_state(task_id: str, status: str, result, traceback: str | None, reque
     """Store one Celery state transition on the run's Job row (creating it if needed)."""
     from jobs.models import FINISHED_STATES, Job
 
+    task_name = getattr(request, "task", None) or getattr(request, "name", "") or ""
+    if task_name.startswith(MAINTENANCE_PREFIX):
+        return
     fields = _fields_for(status, result, traceback, request)
     if status == states.RETRY:
         _record_retry(task_id, fields, request)
