@@ -229,6 +229,10 @@ class ActionError(Exception):
 NOT_STARTED = (JobState.PENDING, JobState.RECEIVED, JobState.RETRY)
 
 
+def _is_now(job: Job) -> str:
+    return f"this one is {job.get_state_display().lower()}."
+
+
 def _check_control(user, job: Job) -> None:
     is_owner = job.submitted_by_id == getattr(user, "pk", None)
     if not (is_owner or user.has_perm("jobs.control_jobs")):
@@ -248,9 +252,7 @@ def job_cancel(*, job: Job, user) -> Job:
     if not updated:
         job.refresh_from_db()
         _audit_job(user, AuditAction.CANCEL, job, AuditOutcome.FAILED, state=job.state)
-        raise ActionError(
-            f"Only a run that has not started can be cancelled; this one is {job.get_state_display().lower()}."
-        )
+        raise ActionError("Only a run that has not started can be cancelled; " + _is_now(job))
     guard.mark_revoked(job.pk)
     _broadcast_revoke(job.pk)
     job.refresh_from_db()
@@ -263,9 +265,7 @@ def job_terminate(*, job: Job, user, grace: int = 10) -> Job:
     _check_control(user, job)
     if job.state not in (JobState.STARTED, JobState.PROGRESS):
         _audit_job(user, AuditAction.TERMINATE, job, AuditOutcome.FAILED, state=job.state)
-        raise ActionError(
-            f"Only a running job can be terminated; this one is {job.get_state_display().lower()}."
-        )
+        raise ActionError("Only a running job can be terminated; " + _is_now(job))
     guard.mark_revoked(job.pk)
     _broadcast_revoke(job.pk, terminate=True, signal="SIGTERM")
     from jobs.tasks import terminate_followup
@@ -292,9 +292,7 @@ def job_retry(*, job: Job, user) -> Job:
     """A new run with the same parameters and options, linked to the original."""
     _check_control(user, job)
     if job.state not in RETRYABLE_STATES:
-        raise ActionError(
-            f"Only a failed, cancelled or lost run can be retried; this one is {job.get_state_display().lower()}."
-        )
+        raise ActionError("Only a failed, cancelled or lost run can be retried; " + _is_now(job))
     if job.job_type is None:
         raise ActionError("This run's task is not in the catalogue, so it cannot be sent again.")
     new = _resubmit(job=job, user=user, params=job.params, source=JobSource.RETRY)
