@@ -1,0 +1,74 @@
+"""Workers through Celery's remote control (broadcast over the broker)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from celery import current_app
+
+logger = logging.getLogger(__name__)
+
+INSPECT_TIMEOUT = 1.0
+
+
+@dataclass
+class WorkerInfo:
+    name: str
+    pool: str = ""
+    concurrency: int | None = None
+    processed: int = 0
+    uptime: int | None = None
+    loadavg: list = field(default_factory=list)
+    active: list = field(default_factory=list)
+    reserved: list = field(default_factory=list)
+    scheduled: list = field(default_factory=list)
+    registered: list = field(default_factory=list)
+    queues: list[str] = field(default_factory=list)
+
+
+def workers_online(timeout: float = INSPECT_TIMEOUT) -> list[str]:
+    """Names of the workers that answer a ping (empty if the broker is down)."""
+    try:
+        replies = current_app.control.ping(timeout=timeout) or []
+    except Exception as exc:
+        logger.warning("Could not ping workers: %s", exc)
+        return []
+    return sorted(name for reply in replies for name in reply)
+
+
+def workers_inspect(timeout: float = INSPECT_TIMEOUT) -> list[WorkerInfo]:
+    """Everything the workers report about themselves, one entry per online worker."""
+    try:
+        inspect = current_app.control.inspect(timeout=timeout)
+        stats = inspect.stats() or {}
+        if not stats:
+            return []
+        answers = {
+            "active": inspect.active() or {},
+            "reserved": inspect.reserved() or {},
+            "scheduled": inspect.scheduled() or {},
+            "registered": inspect.registered() or {},
+            "active_queues": inspect.active_queues() or {},
+        }
+    except Exception as exc:
+        logger.warning("Could not inspect workers: %s", exc)
+        return []
+    return [_info(name, stat, answers) for name, stat in sorted(stats.items())]
+
+
+def _info(name: str, stat: dict, answers: dict) -> WorkerInfo:
+    pool = stat.get("pool") or {}
+    return WorkerInfo(
+        name=name,
+        pool=str(pool.get("implementation", "")).rsplit(":", 1)[-1],
+        concurrency=pool.get("max-concurrency"),
+        processed=sum((stat.get("total") or {}).values()),
+        uptime=stat.get("uptime"),
+        loadavg=list(stat.get("rusage", {}).get("loadavg", []) or stat.get("loadavg", []) or []),
+        active=answers["active"].get(name, []),
+        reserved=answers["reserved"].get(name, []),
+        scheduled=answers["scheduled"].get(name, []),
+        registered=answers["registered"].get(name, []),
+        queues=[q["name"] for q in answers["active_queues"].get(name, [])],
+    )
