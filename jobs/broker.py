@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from celery import current_app
 
-from jobs.routing import QUEUE_NAMES
+from jobs.routing import ALL_QUEUE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class QueueDepth:
     consumers: int | None
 
 
-def queue_depths(names: tuple[str, ...] = QUEUE_NAMES) -> list[QueueDepth]:
+def queue_depths(names: tuple[str, ...] = ALL_QUEUE_NAMES) -> list[QueueDepth]:
     try:
         with current_app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
@@ -39,7 +39,9 @@ def _depth(conn, name: str) -> QueueDepth:
     channel = conn.channel()
     try:
         ok = channel.queue_declare(queue=name, passive=True)
-        return QueueDepth(name, ok.message_count, ok.consumer_count)
+        # Redis has no consumer registry: its count is always 0, so show "unknown".
+        consumers = ok.consumer_count if conn.transport.driver_type == "amqp" else None
+        return QueueDepth(name, ok.message_count, consumers)
     except Exception:  # NOT_FOUND on RabbitMQ closes the channel: the queue is empty
         return QueueDepth(name, 0, 0)
     finally:

@@ -17,11 +17,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+__all__ = ["MASK", "JobSpec", "all_specs", "by_task_name", "get", "job", "register", "sync"]
+
 from celery import shared_task
 from django import forms
 from django.core.serializers.json import DjangoJSONEncoder
 
-from jobs.tracking import JobTask
+from jobs.tracking import MASK, JobTask
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class JobSpec:
     time_limit: int | None = None
     expires: int | None = None
     secret_fields: tuple[str, ...] = ()
+    guard: bool = False
+    route: str = ""  # a name in routing.ROUTES; empty: the direct queue above
     task_options: dict = field(default_factory=dict)
 
     def mask(self, params: dict) -> dict:
@@ -75,7 +79,6 @@ class JobSpec:
         return to_json(form.cleaned_data), {}
 
 
-MASK = "••••••"
 _registry: dict[str, JobSpec] = {}
 
 
@@ -98,12 +101,25 @@ def job(
     time_limit: int | None = None,
     expires: int | None = None,
     secret_fields: tuple[str, ...] = (),
+    guard: bool = False,
+    route: str = "",
     **task_options,
 ) -> Callable:
     """Declare a function as a Celery task that people may run as a job type."""
 
     def decorator(func: Callable):
         name = func.__name__
+        if guard:
+            # Acknowledge only after the run is recorded, requeue if the worker is lost
+            # (bounded by max_retries), and let the Redis marker stop a second execution.
+            task_options.update(
+                acks_late=True,
+                reject_on_worker_lost=True,
+                retry_on_worker_lost=True,
+                # A lost worker's retry waits this long (Celery's default is 3 min).
+                default_retry_delay=task_options.get("default_retry_delay", 2),
+                jobsite_guard=True,
+            )
         task = shared_task(name=f"jobs.{name}", bind=True, base=JobTask, **task_options)(func)
         register(
             JobSpec(
@@ -121,6 +137,8 @@ def job(
                 time_limit=time_limit,
                 expires=expires,
                 secret_fields=tuple(secret_fields),
+                guard=guard,
+                route=route,
                 task_options=task_options,
             )
         )

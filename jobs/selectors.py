@@ -18,7 +18,8 @@ from django.db.models import Q, TextField
 from django.db.models.functions import Cast
 from django.http import Http404
 
-from jobs.models import Job, JobLog, JobState, JobType
+from jobs import catalog
+from jobs.models import RETRYABLE_STATES, AuditEntry, Job, JobLog, JobState, JobType
 
 
 class JobFilter(django_filters.FilterSet):
@@ -94,7 +95,12 @@ def job_page(queryset, *, cursor: str | None, size: int) -> Page:
     queryset = queryset.order_by("-created_at", "-id")
     if cursor:
         created, pk = decode_cursor(cursor)
-        queryset = queryset.filter(Q(created_at__lt=created) | Q(created_at=created, pk__lt=pk))
+        # created_at <= … is implied by the OR, but spelled out it bounds the index
+        # range scan: the OR alone is a filter, read from the newest row onwards.
+        queryset = queryset.filter(
+            Q(created_at__lte=created),
+            Q(created_at__lt=created) | Q(created_at=created, pk__lt=pk),
+        )
     rows = list(queryset[: size + 1])
     next_cursor = encode_cursor(rows[size - 1]) if len(rows) > size else None
     return Page(rows=rows[:size], next_cursor=next_cursor)
@@ -139,6 +145,149 @@ def job_timeline(job: Job) -> list[tuple[str, datetime]]:
 
 
 def job_types_runnable(*, user) -> list[JobType]:
-    from jobs import catalog
-
     return [jt for jt in JobType.objects.runnable_by(user) if catalog.get(jt.name)]
+
+
+# --- Control ------------------------------------------------------------------------
+
+
+def job_can_control(*, user, job: Job) -> bool:
+    return job.submitted_by_id == user.pk or user.has_perm("jobs.control_jobs")
+
+
+def jobs_controllable(queryset, *, user):
+    """The runs of ``queryset`` the user may act on, or None if they may act on none."""
+    if user.has_perm("jobs.control_jobs"):
+        return queryset
+    if not Job.objects.filter(submitted_by=user).exists():
+        return None
+    return queryset.filter(submitted_by=user)
+
+
+def job_actions(*, user, job: Job) -> set[str]:
+    """The actions this user may take on this run now (buttons shown on its page)."""
+    if not job_can_control(user=user, job=job):
+        return set()
+    actions = set()
+    if job.state in (JobState.PENDING, JobState.RECEIVED, JobState.RETRY):
+        actions.add("cancel")
+    if job.state in (JobState.STARTED, JobState.PROGRESS):
+        actions.add("terminate")
+    if job.job_type_id and job.state in RETRYABLE_STATES:
+        actions.add("retry")
+    if job.job_type_id:
+        actions.add("rerun")
+    if job.is_finished:
+        actions.add("delete")
+    return actions
+
+
+def job_audit(*, job: Job, limit: int = 50) -> list[AuditEntry]:
+    return list(
+        AuditEntry.objects.filter(target_type="run", target_id=job.pk).order_by("-created_at")[
+            :limit
+        ]
+    )
+
+
+def job_params_display(job: Job) -> dict:
+    """Parameters as shown to people: secret fields masked."""
+    spec = catalog.get(job.job_type.name) if job.job_type else None
+    return spec.mask(job.params) if spec else job.params
+
+
+def unmask(spec, edited: dict, original: dict) -> dict:
+    """A rerun form shows secrets masked: an unchanged mask keeps the original value."""
+    return {
+        key: original.get(key) if key in spec.secret_fields and value == catalog.MASK else value
+        for key, value in edited.items()
+    }
+
+
+# --- API and API tokens -------------------------------------------------------------
+
+
+def periodic_task_list() -> list:
+    """django-celery-beat's schedules with what describing each needs, by name."""
+    from django_celery_beat.models import PeriodicTask
+
+    related = ("interval", "crontab", "solar", "clocked")
+    return list(PeriodicTask.objects.select_related(*related).order_by("name"))
+
+
+def api_token_list(*, user) -> list:
+    """The user's own API tokens, newest first (revoked ones too, marked)."""
+    from jobs.models import ApiToken
+
+    return list(ApiToken.objects.filter(user=user).order_by("-created_at"))
+
+
+def api_token_get(*, user, token_id: int):
+    """One of the user's own tokens, or 404."""
+    from jobs.models import ApiToken
+
+    try:
+        return ApiToken.objects.select_related("user").get(pk=token_id, user=user)
+    except ApiToken.DoesNotExist:
+        raise Http404("No such token.") from None
+
+
+# --- Workflows ----------------------------------------------------------------------
+
+
+def workflow_templates_runnable(*, user) -> list:
+    """The workflow templates whose every step's job type the user may run."""
+    from jobs import workflows
+
+    runnable = {jt.name for jt in JobType.objects.runnable_by(user)}
+    return [
+        t
+        for t in workflows.TEMPLATES.values()
+        if t.job_type_names() - {"workflow_failed"} <= runnable
+    ]
+
+
+def workflow_tree(*, job: Job, user) -> dict | None:
+    """The workflow a run belongs to, as its plan with each step's run attached.
+
+    None when the run is not part of a workflow Jobsite submitted (or its root is not
+    visible to the user). ``extra`` holds the workflow's runs that are not planned
+    steps: the errback's, when a step failed.
+    """
+    root_id = job.workflow_id or job.pk
+    visible = Job.objects.visible_to(user)
+    root = job if job.pk == root_id else visible.filter(pk=root_id).first()
+    plan = (root.options or {}).get("workflow", {}).get("plan") if root else None
+    if not plan:
+        return None
+    runs = {r.pk: r for r in visible.filter(workflow_id=root_id).select_related("job_type")}
+    planned = set()
+
+    def attach(node: dict) -> dict:
+        if node["type"] == "step":
+            planned.add(node["id"])
+            return {**node, "run": runs.get(node["id"])}
+        return {**node, "children": [attach(child) for child in node["children"]]}
+
+    tree = attach(plan)
+    steps = [runs[pk] for pk in planned if pk in runs]
+    return {
+        "root": root,
+        "info": root.options["workflow"],
+        "tree": tree,
+        "extra": sorted(
+            (r for pk, r in runs.items() if pk not in planned), key=lambda r: r.created_at
+        ),
+        # Settled: every step finished and, after a failure, the errback has recorded it.
+        "finished": all(r.is_finished for r in steps)
+        and ("failure" in root.options["workflow"] or all(r.state != "FAILURE" for r in steps)),
+        "states": _count_states(steps),
+    }
+
+
+def _count_states(runs: list[Job]) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for run in runs:
+        label = run.get_state_display()
+        counts[label] = counts.get(label, 0) + 1
+    return sorted(counts.items())

@@ -11,7 +11,9 @@ here the first time the worker sees them.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,7 +24,10 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from jobs import buffer, guard
+
 logger = logging.getLogger(__name__)
+guard_logger = logging.getLogger("jobsite.guard")  # not ignored by the log capture
 
 MAX_LOG_LINES = 1000
 MAX_LOG_MESSAGE = 10_000
@@ -31,17 +36,68 @@ MAINTENANCE_PREFIX = "jobsite."  # Jobsite's own tasks: not runs, not recorded
 
 
 class JobTask(Task):
-    """Base class of catalogued tasks: skips cancelled runs; per-run retry policy."""
+    """Base class of catalogued tasks.
+
+    Before running: skip a cancelled run; for job types with the duplicate guard, take
+    the run's Redis marker and skip a second delivery of the same run. Retries take
+    their limits from the run's options (headers set at submit).
+    """
+
+    jobsite_guard = False  # set by catalog.job(guard=True)
 
     def __call__(self, *args, **kwargs):
-        from jobs import guard
-
-        task_id = self.request.id
-        if task_id and guard.is_revoked(task_id):
-            # Cancelled before it started: never execute, whenever the message arrives.
-            logger.info("Run %s was cancelled before it started; skipping it", task_id)
-            raise Ignore()
+        request = self.request
+        if request.id and not request.is_eager:
+            if self.jobsite_guard:
+                self._claim(request)
+            elif guard.is_revoked(request.id):
+                self._skip_cancelled(request.id)
         return super().__call__(*args, **kwargs)
+
+    def _skip_cancelled(self, task_id: str):
+        # Cancelled before it started: never execute, whenever the message arrives.
+        logger.info("Run %s was cancelled before it started; skipping it", task_id)
+        raise Ignore()
+
+    def _claim(self, request) -> None:
+        hostname = request.hostname or socket.gethostname()
+        claim = guard.claim(request.id, hostname)
+        if claim.outcome == "busy" and not self._holder_alive(claim, hostname):
+            claim = guard.take_over(request.id, claim.value, hostname) or claim
+            if claim.outcome == "claimed":
+                guard_logger.warning(
+                    "The worker process that was running this job died; running it again."
+                )
+        if claim.outcome == "claimed":
+            request.jobsite_claim = claim.value
+            return
+        if claim.outcome == "revoked":
+            self._skip_cancelled(request.id)
+        record_duplicate(request.id, claim)
+        raise Ignore()
+
+    def _holder_alive(self, claim, hostname: str) -> bool:
+        holder_host, instance, pid = claim.holder
+        if holder_host == hostname:
+            # Same worker name: a previous incarnation is dead (one runs at a time).
+            return instance == guard.INSTANCE and pid != os.getpid() and _pid_alive(pid)
+        try:
+            return bool(self.app.control.ping(destination=[holder_host], timeout=1.0))
+        except Exception:  # cannot ask: assume alive rather than risk running twice
+            return True
+
+    def retry(self, *args, **kwargs):
+        # Give the marker back first: the retry message may be consumed at once.
+        held = getattr(self.request, "jobsite_claim", None)
+        if held:
+            guard.release(self.request.id, held)
+            self.request.jobsite_claim = None
+        return super().retry(*args, **kwargs)
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
+        held = getattr(self.request, "jobsite_claim", None)
+        if held and status != states.RETRY:
+            guard.finish(task_id, held)
 
     def retry_job(self, exc: Exception | None = None, *, reason: str = ""):
         """Retry with this run's max_retries and exponential backoff with jitter.
@@ -80,7 +136,9 @@ def report_progress(current: int, total: int, message: str = "") -> None:
     request.jobsite_progress_at = now
     from jobs.models import Job, JobState
 
-    Job.objects.filter(pk=request.id, state__in=[JobState.STARTED, JobState.PROGRESS]).update(
+    # PENDING/RECEIVED too: the STARTED write may still be in its buffer.
+    active = [JobState.PENDING, JobState.RECEIVED, JobState.STARTED, JobState.PROGRESS]
+    Job.objects.filter(pk=request.id, state__in=active).update(
         state=JobState.PROGRESS,
         progress_current=current,
         progress_total=total,
@@ -102,31 +160,77 @@ def result_file_path(filename: str) -> Path:
     return absolute
 
 
+def _pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (killed, not yet reaped) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask the kernel directly
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def record_duplicate(task_id: str, claim) -> None:
+    """A second delivery of a run that is running or done: count it, log it, skip it."""
+    from django.db.models import F
+
+    from jobs.models import Job, JobLog
+
+    where = "already finished" if claim.outcome == "done" else f"running on {claim.holder[0]}"
+    logger.warning("Duplicate delivery of run %s skipped (%s)", task_id, where)
+    Job.objects.filter(pk=task_id).update(duplicates_skipped=F("duplicates_skipped") + 1)
+    if Job.objects.filter(pk=task_id).exists():
+        JobLog.objects.create(
+            job_id=task_id,
+            created_at=timezone.now(),
+            level="WARNING",
+            logger="jobsite.guard",
+            message=f"Duplicate delivery skipped: the run is {where}.",
+        )
+
+
 # --- Recording states ---------------------------------------------------------
 
 
 def record_received(request) -> None:
-    from jobs.models import Job, JobState
-
-    Job.objects.filter(pk=request.id, state=JobState.PENDING).update(
-        state=JobState.RECEIVED, received_at=timezone.now(), worker=request.hostname or ""
-    )
+    """In the worker's main process (Celery's bottleneck): buffered, written in batches."""
+    buffer.received.add((timezone.now(), request.hostname or "", request.id))
 
 
 def record_state(task_id: str, status: str, result, traceback: str | None, request) -> None:
     """Store one Celery state transition on the run's Job row (creating it if needed)."""
-    from jobs.models import FINISHED_STATES, Job
+    from jobs.models import Job, JobState
 
     task_name = getattr(request, "task", None) or getattr(request, "name", "") or ""
     if task_name.startswith(MAINTENANCE_PREFIX):
+        return
+    if status == states.STARTED and _submitted_by_jobsite(request):
+        # Its row exists: STARTED is informative, so it is buffered; the final write
+        # (durable before the ack) carries started_at as well.
+        request.jobsite_started_at = timezone.now()
+        buffer.started.add((request.jobsite_started_at, request.hostname or "", task_id))
         return
     fields = _fields_for(status, result, traceback, request)
     if status == states.RETRY:
         _record_retry(task_id, fields, request)
         return
-    updated = Job.objects.filter(pk=task_id).exclude(state__in=FINISHED_STATES).update(**fields)
+    # LOST is not final here: a redelivered run that runs again comes back from it.
+    final = (JobState.SUCCESS, JobState.FAILURE, JobState.REVOKED)
+    updated = Job.objects.filter(pk=task_id).exclude(state__in=final).update(**fields)
     if not updated and not Job.objects.filter(pk=task_id).exists():
         _create_from_request(task_id, request, fields)
+
+
+def _submitted_by_jobsite(request) -> bool:
+    """Runs Jobsite published carry its headers; their Job row exists before they start."""
+    return getattr(request, "jobsite_max_retries", None) is not None or bool(
+        (getattr(request, "headers", None) or {}).get("jobsite_max_retries") is not None
+    )
 
 
 def _fields_for(status: str, result, traceback: str | None, request) -> dict:
@@ -135,6 +239,9 @@ def _fields_for(status: str, result, traceback: str | None, request) -> dict:
     hostname = getattr(request, "hostname", None)
     if hostname:
         fields["worker"] = hostname
+    started_at = getattr(request, "jobsite_started_at", None)
+    if started_at and status in (states.SUCCESS, states.FAILURE, states.RETRY):
+        fields["started_at"] = started_at
     if status == states.STARTED:
         fields["started_at"] = now
     elif status == states.SUCCESS:
@@ -238,6 +345,7 @@ def _schedule_id(name: str) -> int | None:
 
 # --- Log capture --------------------------------------------------------------
 
+MASK = "••••••"
 _IGNORED_LOGGERS = ("celery", "kombu", "amqp", "django.db", "urllib3")
 
 
@@ -248,6 +356,7 @@ class JobLogCapture(logging.Handler):
         super().__init__(level=logging.INFO)
         self.buffers: dict[str, list] = {}
         self.counts: dict[str, int] = {}
+        self.secrets: dict[str, list[str]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(_IGNORED_LOGGERS) or record.name == __name__:
@@ -263,6 +372,8 @@ class JobLogCapture(logging.Handler):
             message = record.getMessage()
         except Exception:  # a bad format string must not break the job
             message = str(record.msg)
+        for secret in self.secrets.get(task_id, ()):
+            message = message.replace(secret, MASK)
         self.buffers[task_id].append(
             (
                 datetime.fromtimestamp(record.created, tz=timezone.get_current_timezone()),
@@ -272,9 +383,11 @@ class JobLogCapture(logging.Handler):
             )
         )
 
-    def start(self, task_id: str) -> None:
+    def start(self, task_id: str, secrets: list[str] | None = None) -> None:
         self.buffers[task_id] = []
         self.counts[task_id] = 0
+        # Longest first, so a secret containing another is masked whole.
+        self.secrets[task_id] = sorted((s for s in secrets or () if s), key=len, reverse=True)
 
     def flush(self, task_id: str | None = None) -> None:  # type: ignore[override]
         if task_id is None or not self.buffers.get(task_id):
@@ -295,6 +408,7 @@ class JobLogCapture(logging.Handler):
         self.flush(task_id)
         self.buffers.pop(task_id, None)
         self.counts.pop(task_id, None)
+        self.secrets.pop(task_id, None)
 
 
 log_capture = JobLogCapture()
@@ -304,3 +418,12 @@ def install_log_capture() -> None:
     root = logging.getLogger()
     if log_capture not in root.handlers:
         root.addHandler(log_capture)
+
+
+def secret_values(task_name: str, kwargs: dict | None) -> list[str]:
+    from jobs import catalog
+
+    spec = catalog.by_task_name(task_name)
+    if spec is None or not spec.secret_fields or not kwargs:
+        return []
+    return [str(kwargs[name]) for name in spec.secret_fields if kwargs.get(name)]

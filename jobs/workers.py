@@ -61,7 +61,8 @@ def _info(name: str, stat: dict, answers: dict) -> WorkerInfo:
     pool = stat.get("pool") or {}
     return WorkerInfo(
         name=name,
-        pool=str(pool.get("implementation", "")).rsplit(":", 1)[-1],
+        # "celery.concurrency.prefork:TaskPool" -> "prefork"
+        pool=str(pool.get("implementation", "")).split(":")[0].rsplit(".", 1)[-1],
         concurrency=pool.get("max-concurrency"),
         processed=sum((stat.get("total") or {}).values()),
         uptime=stat.get("uptime"),

@@ -8,6 +8,7 @@ DJANGO_SECRET_KEY). See README.md for the full table.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -61,6 +62,9 @@ INSTALLED_APPS = [
     "django_htmx",
     "django_celery_beat",
     "django_celery_results",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "jobs",
 ]
 
@@ -122,7 +126,7 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 LOGIN_URL = "login"
-LOGIN_REDIRECT_URL = "jobs-history"
+LOGIN_REDIRECT_URL = "jobs-dashboard"
 LOGOUT_REDIRECT_URL = "login"
 
 # --- Internationalisation -----------------------------------------------------
@@ -203,7 +207,8 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_RESULT_ACCEPT_CONTENT = ["json"]
-CELERY_TASK_QUEUES = routing.QUEUES
+# Headers-exchange queues only on RabbitMQ (kombu's Redis transport has none).
+CELERY_TASK_QUEUES = routing.queues_for(CELERY_BROKER_URL)
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_DEFAULT_EXCHANGE = "default"
 CELERY_TASK_DEFAULT_ROUTING_KEY = "default"
@@ -212,8 +217,13 @@ CELERY_TASK_QUEUE_MAX_PRIORITY = 10
 CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("CELERY_WORKER_PREFETCH_MULTIPLIER", 1, minimum=0)
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_TIMEZONE = TIME_ZONE
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's DatabaseScheduler behind a Redis lock: exactly one beat fires.
+CELERY_BEAT_SCHEDULER = "jobs.beat:JobsiteScheduler"
 CELERY_TASK_ALWAYS_EAGER = False
+# Celery's Django fix-up closes the database connection around every task unless this
+# is set, and reconnecting costs more than the task (see README, Performance). Pool
+# processes keep their connection; jobs.signals checks it is usable before each task.
+CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000, minimum=0)
 
 # --- Jobsite ------------------------------------------------------------------
 
@@ -224,6 +234,164 @@ JOBSITE_REDIS_URL = env_redis("JOBSITE_REDIS_URL", f"unix://{EMBEDDED_REDIS_SOCK
 JOBSITE_MAX_PARAMS_BYTES = env_int("JOBSITE_MAX_PARAMS_BYTES", 64 * 1024, minimum=1)
 # History and API page size.
 JOBSITE_PAGE_SIZE = env_int("JOBSITE_PAGE_SIZE", 50, minimum=1)
+
+# --- Schedules (beat) -----------------------------------------------------------
+# https://django-celery-beat.readthedocs.io/en/latest/
+
+# Seconds the beat lock lives without renewal (beat renews it several times per TTL).
+# A standby beat takes over within this time when the active one dies; the schedule
+# admin warns that beat is not running when its heartbeat is older than this.
+JOBSITE_BEAT_LOCK_TTL = env_int("JOBSITE_BEAT_LOCK_TTL", 30, minimum=3)
+
+# --- JSON API (Django REST framework + drf-spectacular) -------------------------
+# https://www.django-rest-framework.org/api-guide/settings/
+# https://drf-spectacular.readthedocs.io/en/latest/settings.html
+
+REST_FRAMEWORK = {
+    # Token first: its WWW-Authenticate header turns "no credentials" into a 401.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "jobs.api_auth.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # JSON only: no browsable API, no form-encoded bodies.
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Jobsite API",
+    "DESCRIPTION": "Submit Celery jobs, follow their runs, list job types and schedules. "
+    "Authenticate with `Authorization: Bearer <token>` (create one on "
+    "[your tokens page](/account/tokens/)) or a browser session. [Back to Jobsite](/)",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Swagger UI's JS and CSS are served from the drf-spectacular-sidecar wheel: no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# --- Metrics and alerts ---------------------------------------------------------
+# https://prometheus.github.io/client_python/
+
+# /metrics: a bearer token, and/or client addresses or networks (comma-separated,
+# e.g. 10.0.0.0/8,127.0.0.1). With neither, only staff sessions may read it.
+JOBSITE_METRICS_TOKEN = os.environ.get("JOBSITE_METRICS_TOKEN", "")
+JOBSITE_METRICS_ALLOW = env_list("JOBSITE_METRICS_ALLOW", [])
+for _network in JOBSITE_METRICS_ALLOW:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"JOBSITE_METRICS_ALLOW: {_network!r} is not an IP address or network."
+        ) from None
+# Links in alert messages point here, e.g. https://jobs.example.com
+JOBSITE_BASE_URL = env_str("JOBSITE_BASE_URL", "http://127.0.0.1:8000").rstrip("/")
+# A schedule is missed when its run is this late; beat or the workers are lost when
+# silent for this long.
+JOBSITE_ALERT_SCHEDULE_GRACE = env_int("JOBSITE_ALERT_SCHEDULE_GRACE", 120, minimum=1)
+JOBSITE_ALERT_HEARTBEAT_GRACE = env_int("JOBSITE_ALERT_HEARTBEAT_GRACE", 180, minimum=1)
+# Webhook delivery: timeout per attempt, attempts, and the first backoff (doubled).
+JOBSITE_ALERT_WEBHOOK_TIMEOUT = env_int("JOBSITE_ALERT_WEBHOOK_TIMEOUT", 5, minimum=1)
+JOBSITE_ALERT_WEBHOOK_ATTEMPTS = env_int("JOBSITE_ALERT_WEBHOOK_ATTEMPTS", 3, minimum=1)
+JOBSITE_ALERT_WEBHOOK_BACKOFF = 0.5
+# How often beat runs the alert check (seconds). DatabaseScheduler copies
+# CELERY_BEAT_SCHEDULE into its PeriodicTask table when beat starts, so the check
+# shows in the admin's periodic tasks with no data migration.
+JOBSITE_ALERTS_CHECK_EVERY = env_int("JOBSITE_ALERTS_CHECK_EVERY", 60, minimum=5)
+CELERY_BEAT_SCHEDULE = {
+    **globals().get("CELERY_BEAT_SCHEDULE", {}),  # keeps entries other sections declared
+    "jobsite-alerts-check": {
+        "task": "jobsite.alerts_check",
+        "schedule": float(JOBSITE_ALERTS_CHECK_EVERY),
+        # A check that could not start in time is replaced by the next one.
+        "options": {"queue": "default", "expire_seconds": JOBSITE_ALERTS_CHECK_EVERY},
+    },
+}
+
+# --- Reliability: relay, stale runs, retention, broker faults -------------------
+
+# Runs stored while the broker was down are published by the relay (a beat task and
+# `manage.py relay`); a run whose worker is silent this long is marked LOST.
+JOBSITE_RELAY_EVERY = env_int("JOBSITE_RELAY_EVERY", 15, minimum=1)
+JOBSITE_LOST_AFTER = env_int("JOBSITE_LOST_AFTER", 300, minimum=10)
+JOBSITE_RETENTION_DAYS = env_int("JOBSITE_RETENTION_DAYS", 30, minimum=1)
+# Largest task message a worker accepts; bigger ones are rejected and audited.
+JOBSITE_MAX_MESSAGE_BYTES = env_int("JOBSITE_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024)
+# Redis broker: an unacknowledged (acks_late) message is redelivered after this many
+# seconds when its worker died; keep it above your longest job's runtime or rely on
+# the duplicate guard (job types with guard=True) to skip the second copy.
+CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] = env_int(
+    "JOBSITE_REDIS_VISIBILITY_TIMEOUT", 3600, minimum=1
+)
+# How often (s) a Redis worker looks for such messages; kombu scans every Nth look.
+CELERY_BROKER_TRANSPORT_OPTIONS["unacked_restore_interval"] = env_int(
+    "JOBSITE_REDIS_RESTORE_INTERVAL", 10, minimum=1
+)
+CELERY_BROKER_TRANSPORT_OPTIONS["unacked_restore_throttle"] = env_int(
+    "JOBSITE_REDIS_RESTORE_THROTTLE", 10, minimum=1
+)
+# A dropped database connection under the worker: reconnect and store again.
+CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
+CELERY_RESULT_BACKEND_MAX_RETRIES = 5
+# Record malformed, oversize and unknown messages instead of only logging them.
+CELERY_WORKER_CONSUMER = "jobs.consumer:JobsiteConsumer"
+CELERY_BEAT_SCHEDULE = {
+    **globals().get("CELERY_BEAT_SCHEDULE", {}),
+    "jobsite-relay": {
+        "task": "jobsite.relay",
+        "schedule": float(JOBSITE_RELAY_EVERY),
+        "options": {"queue": "default", "expire_seconds": JOBSITE_RELAY_EVERY},
+    },
+    "jobsite-mark-lost": {
+        "task": "jobsite.mark_lost",
+        "schedule": 60.0,
+        "options": {"queue": "default", "expire_seconds": 60},
+    },
+    "jobsite-cleanup": {
+        "task": "jobsite.cleanup",
+        "schedule": 3600.0,
+        "options": {"queue": "default", "expire_seconds": 3600},
+    },
+}
+
+# --- Serialisation, compression and message signing -----------------------------
+# https://docs.celeryq.dev/en/stable/userguide/calling.html#serializers
+# https://docs.celeryq.dev/en/stable/userguide/security.html#message-signing
+
+# Task messages in JSON (default) or msgpack; results stay JSON (they are stored as
+# JSON). Pickle is never accepted: a pickled message is refused, not executed.
+JOBSITE_SERIALIZER = env_str("JOBSITE_SERIALIZER", "json").lower()
+if JOBSITE_SERIALIZER not in ("json", "msgpack"):
+    raise ImproperlyConfigured("JOBSITE_SERIALIZER must be json or msgpack (never pickle).")
+CELERY_TASK_SERIALIZER = JOBSITE_SERIALIZER
+CELERY_ACCEPT_CONTENT = ["json"] if JOBSITE_SERIALIZER == "json" else ["msgpack", "json"]
+# Compress every task message (job types may also set their own `compression`).
+JOBSITE_COMPRESSION = env_str("JOBSITE_COMPRESSION", "").lower()
+if JOBSITE_COMPRESSION not in ("", "zlib", "bzip2"):
+    raise ImproperlyConfigured("JOBSITE_COMPRESSION must be empty, zlib or bzip2.")
+CELERY_TASK_COMPRESSION = JOBSITE_COMPRESSION or None
+# Message signing (Celery's `auth` serializer): this process's private key and
+# certificate, and a directory of the certificates whose signatures are trusted.
+# All three or none; with them, only signed messages are accepted.
+_SIGNING = {name: env_str(f"JOBSITE_SIGNING_{name}", "") for name in ("KEY", "CERT", "CERT_STORE")}
+JOBSITE_SIGNING = any(_SIGNING.values())
+if JOBSITE_SIGNING:
+    for _name, _path in _SIGNING.items():
+        if not _path or not Path(_path).exists():
+            raise ImproperlyConfigured(
+                f"JOBSITE_SIGNING_{_name} must name an existing file or directory "
+                "(set JOBSITE_SIGNING_KEY, _CERT and _CERT_STORE together)."
+            )
+    CELERY_SECURITY_KEY = _SIGNING["KEY"]
+    CELERY_SECURITY_CERTIFICATE = _SIGNING["CERT"]
+    CELERY_SECURITY_CERT_STORE = str(Path(_SIGNING["CERT_STORE"]) / "*.pem")
+    CELERY_SECURITY_DIGEST = "sha256"
+    CELERY_TASK_SERIALIZER = "auth"
+    CELERY_ACCEPT_CONTENT = ["auth"]  # jobsite/celery.py calls app.setup_security()
 
 # --- Logging ------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -103,9 +104,22 @@ def alice_client(client, alice):
 class Worker:
     """A real `celery worker` subprocess (prefork) against a real broker and the test DB."""
 
-    def __init__(self, broker: str, url: str, db_url: str) -> None:
+    def __init__(
+        self,
+        broker: str,
+        url: str,
+        db_url: str,
+        name: str = "",
+        extra_env: dict | None = None,
+        queues: str = WORKER_QUEUES,
+        pool: str = "prefork",
+        concurrency: int = 2,
+    ) -> None:
+        self.queues = queues
+        self.pool, self.concurrency = pool, concurrency
         self.broker = broker
         self.url = url
+        self.name = name or f"test-{broker}"
         self.log = Path(tempfile.mkdtemp(prefix=f"jobsite-worker-{broker}-")) / "worker.log"
         self.env = {
             **os.environ,
@@ -115,6 +129,7 @@ class Worker:
             "DJANGO_EMAIL_BACKEND": "django.core.mail.backends.filebased.EmailBackend",
             "DJANGO_EMAIL_FILE_PATH": str(self.log.parent / "mail"),
             "PYTHONUNBUFFERED": "1",
+            **(extra_env or {}),
         }
         self.process: subprocess.Popen | None = None
 
@@ -125,13 +140,19 @@ class Worker:
     def start(self, timeout: float = 60) -> None:
         argv = [
             sys.executable, "-m", "celery", "-A", "jobsite", "worker",
-            "--loglevel=INFO", "--pool=prefork", "--concurrency=2",
-            f"--hostname=test-{self.broker}@%h", "--without-gossip", "--without-mingle",
-            f"--queues={WORKER_QUEUES}",
+            "--loglevel=INFO", f"--pool={self.pool}", f"--concurrency={self.concurrency}",
+            f"--hostname={self.name}@%h", "--without-gossip", "--without-mingle",
+            f"--queues={self.queues}",
         ]  # fmt: skip
         with self.log.open("wb") as out:
+            # Its own session, so a test can kill the whole worker (main + pool children).
             self.process = subprocess.Popen(
-                argv, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
+                argv,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -141,6 +162,11 @@ class Worker:
                 break
             time.sleep(0.2)
         raise RuntimeError(f"worker on {self.broker} did not start:\n{self.output()}")
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool children at once, as a crashed machine would."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-5000:]
@@ -192,6 +218,7 @@ def _workers(django_db_setup, django_db_blocker) -> Iterator[dict[str, Worker]]:
             workers[broker] = worker
         return workers[broker]
 
+    get.db_url = db_url  # type: ignore[attr-defined]
     yield get  # type: ignore[misc]
     for worker in workers.values():
         worker.stop()

@@ -22,6 +22,8 @@ def test_a_submitted_job_runs_to_success_with_its_result(worker, alice_client, g
     job = submit(alice_client, "count_primes", {"limit": "100000", "opt-queue": "cpu"})
 
     job = wait_for(job.id)
+    time.sleep(0.5)  # RECEIVED is written in batches by the worker's main process
+    job.refresh_from_db()
 
     assert job.state == "SUCCESS"
     assert job.result == {"limit": 100000, "primes": 9592}

@@ -1,0 +1,157 @@
+"""What Jobsite's run tracking costs, against raw Celery, on a real worker.
+
+    .venv/bin/python -m bench.tracking --broker both --jobs 20000
+
+For each broker: publish N no-op messages with the worker stopped, start one worker
+(prefork, concurrency 2, on the benchmark's own queue `bench`), and time the drain
+from "worker ready" to the last job finished.
+
+- Jobsite: N `services.job_submit` of the catalogued `noop` job type (Job row,
+  audit entry, publish, RECEIVED/STARTED/SUCCESS recorded, result stored); finished
+  means every Job row is SUCCESS (the end is the newest finished_at).
+- Raw Celery: N `apply_async(ignore_result=True)` of `jobsite.bench_noop`, a plain task
+  that only INCRs a Redis counter; finished means the counter reached N.
+
+The submit side (publishing rate) is reported too. Same broker, worker, machine and
+database in the same run; the figures are jobs per second and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench import common
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--broker", choices=["redis", "rabbitmq", "both"], default="both")
+    parser.add_argument("--jobs", type=int, default=20_000)
+    args = parser.parse_args(argv)
+    common.django_setup()
+    print(common.machine(), flush=True)
+    _explain_db_reuse()
+    brokers = ["redis", "rabbitmq"] if args.broker == "both" else [args.broker]
+    results = [measure(broker, args.jobs) for broker in brokers]
+    rows = []
+    for r in results:
+        rows.append([r["broker"], "submit (publish side)", r["jobsite_submit"], r["raw_submit"],
+                     r["jobsite_submit"] / r["raw_submit"]])  # fmt: skip
+        rows.append([r["broker"], "drain (worker side)", r["jobsite_drain"], r["raw_drain"],
+                     r["jobsite_drain"] / r["raw_drain"]])  # fmt: skip
+    common.table(
+        f"Tracking overhead: {args.jobs:,} no-op jobs, prefork -c 2 (jobs/s)",
+        ["broker", "side", "Jobsite", "raw Celery", "ratio"],
+        rows,
+    )
+    return results
+
+
+def _explain_db_reuse() -> None:
+    from jobsite.celery import app
+
+    # Celery's Django fix-up reads the literal name CELERY_DB_REUSE_MAX; unset, it
+    # closes the database connection before and after every task.
+    reuse = app.conf.get("CELERY_DB_REUSE_MAX")
+    effect = (
+        f"the worker keeps its database connection across up to {reuse} tasks"
+        if reuse
+        else "unset: the worker reconnects to the database for every task"
+    )
+    print(f"CELERY_DB_REUSE_MAX = {reuse!r} ({effect})", flush=True)
+
+
+def measure(broker: str, n: int) -> dict:
+    url = common.BROKERS[broker]
+    common.use_broker(url)
+    common.purge()
+    jobsite_submit, jobsite_drain = _jobsite(url, n)
+    common.purge()
+    raw_submit, raw_drain = _raw(url, n)
+    return {
+        "broker": broker, "jobs": n,
+        "jobsite_submit": jobsite_submit, "jobsite_drain": jobsite_drain,
+        "raw_submit": raw_submit, "raw_drain": raw_drain,
+    }  # fmt: skip
+
+
+def _jobsite(url: str, n: int) -> tuple[float, float]:
+    from django.contrib.auth.models import User
+
+    from jobs import services
+    from jobs.models import Job, JobSource, JobState, JobType
+
+    Job.objects.filter(task_name="jobs.noop").delete()
+    user, _ = User.objects.get_or_create(
+        username="bench", defaults={"is_superuser": True, "is_staff": True}
+    )
+    job_type = JobType.objects.get(name="noop")
+    started = time.perf_counter()
+    for _ in range(n):
+        services.job_submit(
+            job_type=job_type,
+            params={},
+            user=user,
+            options={"queue": common.QUEUE},
+            source=JobSource.API,
+        )
+    submit_rate = n / (time.perf_counter() - started)
+    _check_queued(n)
+    done = Job.objects.filter(task_name="jobs.noop", state=JobState.SUCCESS)
+    worker = common.worker(url)
+    ready_wall = _start(worker)
+    try:
+        _wait(lambda: done.count() >= n, worker, poll=0.1)
+    finally:
+        worker.stop()
+    last = max(done.values_list("finished_at", flat=True))
+    return submit_rate, n / (last.timestamp() - ready_wall)
+
+
+def _raw(url: str, n: int) -> tuple[float, float]:
+    from jobs import guard
+    from jobs.tasks import BENCH_COUNTER_KEY, bench_noop
+
+    redis = guard.client()
+    redis.delete(BENCH_COUNTER_KEY)
+    started = time.perf_counter()
+    for _ in range(n):
+        bench_noop.apply_async(ignore_result=True, queue=common.QUEUE)
+    submit_rate = n / (time.perf_counter() - started)
+    _check_queued(n)
+    worker = common.worker(url)
+    ready_wall = _start(worker)
+    try:
+        _wait(lambda: int(redis.get(BENCH_COUNTER_KEY) or 0) >= n, worker, poll=0.005)
+        end_wall = time.time()
+        _wait(lambda: common.queue_depth() == 0, worker, poll=0.05)
+    finally:
+        worker.stop()
+    return submit_rate, n / (end_wall - ready_wall)
+
+
+def _start(worker: common.Process) -> float:
+    ready = worker.start(" ready.")
+    # Wall clock at the ready line: Job.finished_at is wall-clock time.
+    return time.time() - (time.monotonic() - ready)
+
+
+def _check_queued(n: int) -> None:
+    depth = common.queue_depth()
+    if depth != n:
+        raise RuntimeError(f"expected {n} queued messages, the broker holds {depth}")
+
+
+def _wait(done, worker: common.Process, *, poll: float, timeout: float = 1800) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"the worker died:\n{worker.output()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not drained after {timeout} s:\n{worker.output()}")
+        time.sleep(poll)
+
+
+if __name__ == "__main__":
+    main()

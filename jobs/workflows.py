@@ -1,0 +1,344 @@
+"""Workflows: predefined chains, groups and chords of catalogued job types.
+
+A workflow template has a parameter form and builds a *plan*: a JSON tree of
+``step``, ``chain``, ``group`` and ``chord`` nodes. ``services.workflow_submit`` turns
+the plan into one Job per step (PENDING, before any worker sees them) and publishes
+it as a Celery canvas whose task ids are those Job ids. The plan is stored on the
+root run, so the tree can be shown, and published again by the relay if the broker
+was down at submit.
+
+No step waits for another's result: a chain passes the previous result to the next
+step, and a chord's callback runs when its group is done (Celery's chord counter in
+the result backend), so no worker process ever blocks on a subtask.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from celery import chain, chord, group
+from celery.canvas import _chain  # what chain(...) returns
+from django import forms
+
+from jobs.forms import FlakyParams, ReportParams
+
+# --- Plans ------------------------------------------------------------------------
+
+
+def step(job_type: str, params: dict, label: str, *, takes_result: bool = False) -> dict:
+    """One run of a job type; ``takes_result``: it receives the previous result."""
+    return {
+        "type": "step",
+        "job_type": job_type,
+        "params": params,
+        "label": label,
+        "takes_result": takes_result,
+    }
+
+
+def in_chain(*children: dict) -> dict:
+    return {"type": "chain", "children": list(children)}
+
+
+def in_group(*children: dict) -> dict:
+    return {"type": "group", "children": list(children)}
+
+
+def in_chord(header: list[dict], body: dict) -> dict:
+    return {"type": "chord", "children": [*header, body], "header_size": len(header)}
+
+
+def steps(node: dict) -> Iterator[dict]:
+    """The step nodes of a plan, in the order they are declared."""
+    if node["type"] == "step":
+        yield node
+        return
+    for child in node["children"]:
+        yield from steps(child)
+
+
+def chord_parts(node: dict) -> tuple[list[dict], dict]:
+    size = node["header_size"]
+    return node["children"][:size], node["children"][size]
+
+
+def _after(node: dict) -> dict[str, set[str]]:
+    """For each step id, the ids of the steps that run only after it."""
+    deps: dict[str, set[str]] = {s["id"]: set() for s in steps(node)}
+
+    def follow(before: list[dict], then: list[dict]) -> None:
+        later = {s["id"] for n in then for s in steps(n)}
+        for n in before:
+            for s in steps(n):
+                deps[s["id"]] |= later
+
+    def walk(n: dict) -> None:
+        if n["type"] == "step":
+            return
+        if n["type"] == "chain":
+            children = n["children"]
+            for i, child in enumerate(children):
+                follow([child], children[i + 1 :])
+        elif n["type"] == "chord":
+            header, body = chord_parts(n)
+            follow(header, [body])
+        for child in n["children"]:
+            walk(child)
+
+    walk(node)
+    return deps
+
+
+def downstream(plan: dict, step_id: str) -> set[str]:
+    """Steps that can no longer run once ``step_id`` has failed."""
+    return _after(plan).get(step_id, set())
+
+
+def parents(plan: dict) -> dict[str, list[str]]:
+    """For each step id, the steps whose completion starts it (the tree's links)."""
+    links: dict[str, list[str]] = {s["id"]: [] for s in steps(plan)}
+
+    def last_steps(n: dict) -> list[str]:
+        if n["type"] == "step":
+            return [n["id"]]
+        if n["type"] == "chain":
+            return last_steps(n["children"][-1])
+        if n["type"] == "chord":
+            return last_steps(chord_parts(n)[1])
+        return [i for child in n["children"] for i in last_steps(child)]
+
+    def first_steps(n: dict) -> list[str]:
+        if n["type"] == "step":
+            return [n["id"]]
+        if n["type"] == "chain":
+            return first_steps(n["children"][0])
+        if n["type"] == "chord":
+            return [i for child in chord_parts(n)[0] for i in first_steps(child)]
+        return [i for child in n["children"] for i in first_steps(child)]
+
+    def walk(n: dict) -> None:
+        if n["type"] == "step":
+            return
+        pairs = []
+        if n["type"] == "chain":
+            pairs = list(itertools.pairwise(n["children"]))
+        elif n["type"] == "chord":
+            header, body = chord_parts(n)
+            pairs = [(h, body) for h in header]
+        for before, after in pairs:
+            for target in first_steps(after):
+                links[target] += [i for i in last_steps(before) if i not in links[target]]
+        for child in n["children"]:
+            walk(child)
+
+    walk(plan)
+    return links
+
+
+def to_canvas(node: dict, signature_for: Callable[[dict], object]):
+    """The Celery canvas of a plan; ``signature_for`` makes each step's signature."""
+    kind = node["type"]
+    if kind == "step":
+        return signature_for(node)
+    children = [to_canvas(child, signature_for) for child in node["children"]]
+    if kind == "chain":
+        return chain(*children)
+    if kind == "group":
+        return group(*children)
+    size = node["header_size"]
+    return chord(group(*children[:size]), children[size])
+
+
+def link_error(canvas, errback) -> None:
+    """Attach the workflow's errback to every step that can fail on its own.
+
+    A chord's members report through its callback (Celery fails the callback with
+    ChordError), so only the callback gets it; linking each member too would run
+    the errback twice for one failure.
+    """
+    if isinstance(canvas, chord):
+        link_error(canvas.body, errback)
+    elif isinstance(canvas, (_chain, group)):
+        for task in canvas.tasks:
+            link_error(task, errback)
+    else:
+        canvas.link_error(errback)
+
+
+# --- Templates ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkflowTemplate:
+    name: str
+    title: str
+    description: str
+    shape: str  # chain, group or chord: shown to people
+    form: type[forms.Form]
+    build: Callable[[dict], dict]
+
+    def clean_params(self, data: dict | None) -> tuple[dict | None, dict]:
+        form = self.form(data=data or {})
+        if not form.is_valid():
+            return None, {name: list(errors) for name, errors in form.errors.items()}
+        return dict(form.cleaned_data), {}
+
+    def job_type_names(self) -> set[str]:
+        """The job types its plan uses (for the "who may run it" check)."""
+        return {s["job_type"] for s in steps(self.build(self.example()))} | {"workflow_failed"}
+
+    def example(self) -> dict:
+        form = self.form()
+        return {name: f.initial for name, f in form.fields.items()}
+
+
+class ReportThenMailForm(forms.Form):
+    title = forms.CharField(label="Report title", max_length=100, initial="Daily sales")
+    region = forms.ChoiceField(label="Region", choices=ReportParams.REGIONS, initial="emea")
+    days = forms.IntegerField(label="Days", min_value=1, max_value=366, initial=7)
+    rows_per_day = forms.IntegerField(
+        label="Rows per day", min_value=1, max_value=10_000, initial=100
+    )
+    to = forms.EmailField(label="Mail the summary to", initial="sales@example.com")
+    subject = forms.CharField(label="Subject", max_length=200, initial="Your sales report")
+
+
+def _report_then_mail(p: dict) -> dict:
+    report = {
+        "title": p["title"], "region": p["region"], "days": p["days"],
+        "rows_per_day": p["rows_per_day"], "pace_ms": 0,
+    }  # fmt: skip
+    return in_chain(
+        step("generate_report", report, f"{p['title']} ({p['region']})"),
+        step(
+            "mail_summary",
+            {"to": p["to"], "subject": p["subject"]},
+            f"Mail to {p['to']}",
+            takes_result=True,
+        ),
+    )
+
+
+class PrimesSumForm(forms.Form):
+    limit = forms.IntegerField(
+        label="Count primes below", min_value=10, max_value=100_000_000, initial=4_000_000
+    )
+    parts = forms.IntegerField(
+        label="Parallel parts", min_value=1, max_value=16, initial=4,
+        help_text="One job per slice of the range, run in parallel; a callback sums them.",
+    )  # fmt: skip
+
+
+def _primes_sum(p: dict) -> dict:
+    limit, parts = p["limit"], p["parts"]
+    bounds = [limit * i // parts for i in range(parts + 1)]
+    header = [
+        step("count_primes_range", {"low": lo, "high": hi}, f"Primes in [{lo:,}, {hi:,})")
+        for lo, hi in itertools.pairwise(bounds)
+        if hi > lo
+    ]
+    body = step("sum_results", {"field": "primes"}, "Sum the counts", takes_result=True)
+    return in_chord(header, body)
+
+
+class RegionReportsForm(forms.Form):
+    regions = forms.MultipleChoiceField(
+        label="Regions", choices=ReportParams.REGIONS, initial=["emea", "amer", "apac"],
+        widget=forms.CheckboxSelectMultiple,
+    )  # fmt: skip
+    days = forms.IntegerField(label="Days", min_value=1, max_value=366, initial=7)
+    rows_per_day = forms.IntegerField(
+        label="Rows per day", min_value=1, max_value=10_000, initial=100
+    )
+
+
+def _region_reports(p: dict) -> dict:
+    return in_group(
+        *(
+            step(
+                "generate_report",
+                {
+                    "title": f"Sales {region.upper()}",
+                    "region": region,
+                    "days": p["days"],
+                    "rows_per_day": p["rows_per_day"],
+                    "pace_ms": 0,
+                },
+                f"Report {region.upper()}",
+            )
+            for region in p["regions"]
+        )
+    )
+
+
+class FlakyThenMailForm(forms.Form):
+    mode = forms.ChoiceField(
+        label="First step",
+        choices=[c for c in FlakyParams.MODES if c[0] in ("succeed", "retry", "fail")],
+        initial="fail",
+    )
+    failures = forms.IntegerField(
+        label="Failures before success", min_value=0, max_value=3, initial=1
+    )
+    to = forms.EmailField(label="Mail the outcome to", initial="ops@example.com")
+
+
+def _flaky_then_mail(p: dict) -> dict:
+    flaky = {"mode": p["mode"], "failures": p["failures"], "message": "Step failed on purpose"}
+    return in_chain(
+        step("flaky", flaky, f"Flaky step ({p['mode']})"),
+        step(
+            "mail_summary",
+            {"to": p["to"], "subject": "Flaky step done"},
+            f"Mail to {p['to']}",
+            takes_result=True,
+        ),
+    )
+
+
+TEMPLATES: dict[str, WorkflowTemplate] = {
+    t.name: t
+    for t in (
+        WorkflowTemplate(
+            "report_then_mail",
+            "Report, then mail it",
+            "A chain: a sales report, then an e-mail with its totals (the report's result "
+            "is passed to the mail step).",
+            "chain",
+            ReportThenMailForm,
+            _report_then_mail,
+        ),
+        WorkflowTemplate(
+            "primes_sum",
+            "Primes in parallel, then sum",
+            "A chord: the range is split into parts counted in parallel; when all are "
+            "done, a callback adds the counts up.",
+            "chord",
+            PrimesSumForm,
+            _primes_sum,
+        ),
+        WorkflowTemplate(
+            "region_reports",
+            "One report per region",
+            "A group: one sales report per chosen region, all at once.",
+            "group",
+            RegionReportsForm,
+            _region_reports,
+        ),
+        WorkflowTemplate(
+            "flaky_then_mail",
+            "Flaky step, then mail",
+            "A chain whose first step may fail: on failure the errback records which step "
+            "failed and the mail step is not run.",
+            "chain",
+            FlakyThenMailForm,
+            _flaky_then_mail,
+        ),
+    )
+}
+
+
+def get(name: str) -> WorkflowTemplate | None:
+    return TEMPLATES.get(name)

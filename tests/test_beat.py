@@ -1,0 +1,218 @@
+"""A real `celery beat` with Jobsite's scheduler, a real broker and a real worker.
+
+Each beat runs a few seconds with --max-interval 1 (so it sees changes within a second)
+and JOBSITE_BEAT_LOCK_TTL=3 (so a standby beat's takeover is quick).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.urls import reverse
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+from jobs import beat, guard, heartbeat
+from jobs.models import Job, JobSource
+
+from .conftest import ROOT
+
+SCHEDULER = "jobs.beat:JobsiteScheduler"
+
+
+class Beat:
+    """A `celery beat` subprocess with the worker's environment (same DB and broker)."""
+
+    def __init__(self, env: dict, name: str) -> None:
+        self.log = Path(tempfile.mkdtemp(prefix=f"jobsite-beat-{name}-")) / "beat.log"
+        self.env = {**env, "JOBSITE_BEAT_LOCK_TTL": "3"}
+        argv = [
+            sys.executable, "-m", "celery", "-A", "jobsite", "beat", "-S", SCHEDULER,
+            "--max-interval", "1", "--loglevel=INFO",
+        ]  # fmt: skip
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                argv, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def sent(self, name: str) -> int:
+        return self.output().count(f"Sending due task {name} ")
+
+    def wait_for_log(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"beat never logged {text!r}:\n{self.output()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def start_beat(worker) -> Iterator:
+    """Start beats beside the test's worker; all are stopped before the DB is flushed."""
+    guard.client().delete(beat.LOCK_NAME, heartbeat.BEAT_KEY)
+    beats: list[Beat] = []
+
+    def start(name: str = "a") -> Beat:
+        process = Beat(worker.env, name)
+        beats.append(process)
+        return process
+
+    yield start
+    for process in beats:
+        process.stop()
+    guard.client().delete(beat.LOCK_NAME)
+
+
+def every(seconds: int) -> IntervalSchedule:
+    interval, _ = IntervalSchedule.objects.get_or_create(every=seconds, period="seconds")
+    return interval
+
+
+def make_schedule(name: str, seconds: int, **fields) -> PeriodicTask:
+    return PeriodicTask.objects.create(
+        name=name,
+        task="jobs.count_primes",
+        kwargs='{"limit": 100}',
+        interval=every(seconds),
+        queue="cpu",
+        **fields,
+    )
+
+
+def runs_of(schedule: PeriodicTask):
+    return Job.objects.filter(schedule=schedule)
+
+
+def wait_for_runs(schedule: PeriodicTask, count: int, *, timeout: float = 30) -> list[Job]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = list(runs_of(schedule).filter(state="SUCCESS"))
+        if len(runs) >= count:
+            return runs
+        time.sleep(0.2)
+    raise AssertionError(f"{schedule.name}: {runs_of(schedule).count()} runs, wanted {count}")
+
+
+def test_beat_fires_a_one_second_schedule_and_its_runs_are_linked_to_it(
+    start_beat, job_types, admin_client_for_beat
+):
+    schedule = make_schedule("every second", 1)
+    PeriodicTask.objects.create(
+        name="typed in", task="os.system", kwargs='{"command": "true"}', interval=every(1)
+    )
+    process = start_beat()
+
+    runs = wait_for_runs(schedule, 3)
+
+    process.wait_for_log("Schedule 'typed in' is not sent")
+    assert all(run.source == JobSource.BEAT for run in runs)
+    assert all(run.schedule_name == "every second" for run in runs)
+    assert all(run.job_type == job_types["count_primes"] for run in runs)
+    assert all(run.params == {"limit": 100} and run.result["primes"] == 25 for run in runs)
+    assert all(run.queue == "cpu" for run in runs)
+    assert not Job.objects.filter(task_name="os.system").exists()
+    assert heartbeat.beat_last_seen() is not None
+    history = admin_client_for_beat.get(reverse("jobs-history"), {"schedule": "every second"})
+    assert all(f"/runs/{run.pk}/" in history.content.decode() for run in runs)
+    process.stop()  # beat writes its last run times when it stops (and every 10 s)
+    schedule.refresh_from_db()
+    assert schedule.total_run_count >= 3 and schedule.last_run_at is not None
+
+
+def test_editing_the_interval_in_the_admin_changes_the_cadence_without_restarting_beat(
+    start_beat, job_types, admin_client_for_beat
+):
+    schedule = make_schedule("hourly at first", 3600)
+    process = start_beat()
+    process.wait_for_log("it is active")
+    time.sleep(2)  # beat has read the hourly schedule: nothing is due for an hour
+    assert not runs_of(schedule).exists()
+
+    data = _admin_form(schedule, job_types["count_primes"], interval=every(1))
+    response = admin_client_for_beat.post(
+        reverse("admin:django_celery_beat_periodictask_change", args=[schedule.pk]), data
+    )
+    assert response.status_code == 302, response.content.decode()[:3000]
+
+    wait_for_runs(schedule, 2)
+    schedule.interval = every(3600)
+    schedule.save()
+    time.sleep(3)  # the change has reached beat (it checks every second)
+    settled = runs_of(schedule).count()
+    time.sleep(3)
+    assert runs_of(schedule).count() == settled
+    assert process.process.poll() is None  # the same beat throughout
+
+
+def test_a_second_beat_stands_by_and_does_not_double_the_runs(start_beat, job_types):
+    schedule = make_schedule("not twice", 1)
+    first = start_beat("first")
+    first.wait_for_log("it is active")
+    second = start_beat("second")
+    second.wait_for_log("this beat is on standby")
+
+    wait_for_runs(schedule, 4)
+
+    assert first.sent("not twice") >= 4
+    assert second.sent("not twice") == 0
+    assert runs_of(schedule).count() <= first.sent("not twice")  # every run sent by the first
+
+    first.stop()  # releases the lock: the standby takes over
+    second.wait_for_log("it is active")
+    before = runs_of(schedule).count()
+    wait_for_runs(schedule, before + 2)
+    assert second.sent("not twice") >= 2
+
+
+# --- Helpers --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def admin_client_for_beat(client, admin_user):
+    client.force_login(admin_user)
+    return client
+
+
+def _admin_form(schedule: PeriodicTask, job_type, *, interval: IntervalSchedule) -> dict:
+    return {
+        "name": schedule.name,
+        "job_type": str(job_type.pk),
+        "enabled": "on",
+        "description": "",
+        "interval": str(interval.pk),
+        "crontab": "",
+        "solar": "",
+        "clocked": "",
+        "start_time_0": "",
+        "start_time_1": "",
+        "expires_0": "",
+        "expires_1": "",
+        "expire_seconds": "",
+        "queue": "cpu",
+        "priority": "5",
+        "exchange": "",
+        "routing_key": "",
+        "headers": "",
+        "params-limit": "100",
+        "_save": "Save",
+    }

@@ -1,0 +1,83 @@
+"""The benchmarks (bench/) still run: each with tiny sizes, against the test services.
+
+No figure is checked (no timed assertion): only that each benchmark completes and
+prints its table. They run as the README says, as `python -m bench.<name>`, on the
+test database and brokers, and on their own queue (`bench`), so they never take a
+test worker's messages.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from django.db import connection
+
+from .conftest import BROKERS, ROOT, _reachable, service_unavailable
+
+
+@pytest.fixture
+def bench_env(transactional_db) -> dict[str, str]:
+    for name, url in BROKERS.items():
+        if not _reachable(url):
+            service_unavailable(f"{name} is not reachable at {url}")
+    db = connection.settings_dict
+    return {
+        **os.environ,
+        "BENCH_DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        "BENCH_REDIS_URL": BROKERS["redis"],
+        "BENCH_RABBITMQ_URL": BROKERS["rabbitmq"],
+        "BENCH_JOBSITE_REDIS_URL": os.environ["JOBSITE_REDIS_URL"],
+    }
+
+
+def run(env: dict, module: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_tracking_benchmark_runs_on_both_brokers(bench_env):
+    out = run(bench_env, "tracking", "--broker", "both", "--jobs", "50")
+
+    assert "### Tracking overhead: 50 no-op jobs" in out
+    assert out.count("| redis") == 2
+    assert out.count("| rabbitmq") == 2
+
+
+def test_the_history_benchmark_runs(bench_env):
+    out = run(bench_env, "history", "--runs", "2000", "--results", "2000", "--requests", "2",
+              "--stock-requests", "1", "--follow", "3")  # fmt: skip
+
+    assert "### History, search and dashboard" in out
+    assert "| search: text in params" in out
+    assert "### TaskResult admin changelist" in out
+
+
+def test_the_submit_benchmark_runs(bench_env):
+    out = run(bench_env, "submit", "--clients", "2", "--seconds", "1", "--bulk", "50",
+              "--web-workers", "1", "--port", str(free_port()))  # fmt: skip
+
+    assert "### Submit latency" in out
+    assert "| POST /api/runs/bulk/" in out
+    assert "### Memory" in out
+
+
+def test_the_beat_benchmark_runs(bench_env):
+    out = run(bench_env, "beat", "--schedules", "50", "--seconds", "3")
+
+    assert "### Beat: 50 schedules" in out
+    assert "| Jobsite (JobsiteScheduler)" in out
+    assert "| stock (DatabaseScheduler)" in out
