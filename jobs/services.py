@@ -803,6 +803,20 @@ def jobs_mark_lost(*, lost_after: int | None = None) -> int:
     return count
 
 
+def jobs_expire(*, grace: int = 60) -> int:
+    """Mark cancelled the runs whose expiry passed before they started.
+
+    A worker that receives an expired message records it as revoked, but RabbitMQ may
+    drop it first (message TTL) and then no worker ever sees it: without this, such a
+    run would stay pending for ever.
+    """
+    now = timezone.now()
+    return Job.objects.filter(
+        state__in=[JobState.PENDING, JobState.RECEIVED],
+        expires_at__lt=now - timedelta(seconds=grace),
+    ).update(state=JobState.REVOKED, finished_at=now, error_message="Expired before it started.")
+
+
 def jobs_cleanup(*, batch: int = 5000, now=None) -> dict[str, int]:
     """Delete runs (with their logs) and Celery result rows past their retention.
 

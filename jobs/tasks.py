@@ -454,9 +454,10 @@ def relay() -> int:
 
 @shared_task(name="jobsite.mark_lost", ignore_result=True)
 def mark_lost() -> int:
-    from jobs.services import jobs_mark_lost
+    """Runs whose worker went silent become LOST; runs that expired unstarted, cancelled."""
+    from jobs.services import jobs_expire, jobs_mark_lost
 
-    return jobs_mark_lost()
+    return jobs_mark_lost() + jobs_expire()
 
 
 @shared_task(name="jobsite.cleanup", ignore_result=True)

@@ -68,3 +68,17 @@ def test_orphan_celery_results_past_retention_are_deleted_too(db, settings):
     services.jobs_cleanup()
 
     assert list(TaskResult.objects.values_list("task_id", flat=True)) == ["new"]
+
+
+def test_runs_that_expired_before_starting_are_marked_cancelled(job_types):
+    primes = job_types["count_primes"]
+    now = timezone.now()
+    base = {"task_name": primes.task_name, "job_type": primes}
+    expired = Job.objects.create(id="exp-1", expires_at=now - timedelta(minutes=5), **base)
+    waiting = Job.objects.create(id="exp-2", expires_at=now + timedelta(minutes=5), **base)
+
+    assert services.jobs_expire() == 1
+    expired.refresh_from_db()
+    waiting.refresh_from_db()
+    assert expired.state == "REVOKED" and "Expired" in expired.error_message
+    assert waiting.state == "PENDING"
