@@ -26,7 +26,7 @@ from jobs.models import Job, JobState
 from jobsite.wsgi import application
 
 OPERATIONS = {
-    "GET /api/runs/", "POST /api/runs/", "GET /api/runs/{job_id}/",
+    "GET /api/runs/", "POST /api/runs/", "POST /api/runs/bulk/", "GET /api/runs/{job_id}/",
     "POST /api/runs/{job_id}/cancel/", "POST /api/runs/{job_id}/retry/",
     "GET /api/job-types/", "GET /api/schedules/",
 }  # fmt: skip
