@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, connection
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class UpdateBuffer:
     def __init__(self, sql: str, interval: float = 0.1) -> None:
         self.sql = sql
         self.interval = interval
-        self._rows: list[tuple] = []
+        self._rows: dict[str, tuple] = {}  # run id -> parameters (the id is last)
         self._lock = threading.Lock()
         self._pid: int | None = None
 
@@ -32,13 +32,18 @@ class UpdateBuffer:
         if self._pid != os.getpid():
             self._start()
         with self._lock:
-            self._rows.append(row)
+            self._rows[row[-1]] = row
+
+    def discard(self, run_id: str) -> None:
+        """The run's final state is being written: its pending write is moot."""
+        with self._lock:
+            self._rows.pop(run_id, None)
 
     def _start(self) -> None:
         # First use in this process (the pool forks after import): a fresh lock and a
         # thread of our own; rows inherited from the parent are the parent's to write.
         self._lock = threading.Lock()
-        self._rows = []
+        self._rows = {}
         self._pid = os.getpid()
         threading.Thread(target=self._run, name="jobsite-buffer", daemon=True).start()
 
@@ -56,19 +61,22 @@ class UpdateBuffer:
 
     def flush(self) -> int:
         with self._lock:
-            rows, self._rows = self._rows, []
+            rows, self._rows = list(self._rows.values()), {}
         if not rows:
             return 0
-        with transaction.atomic(), connection.cursor() as cursor:
+        # Autocommit: each UPDATE holds its row lock only for itself, never for the
+        # whole batch, so a pool process writing a final state does not wait on it.
+        with connection.cursor() as cursor:
             cursor.executemany(self.sql, rows)
         return len(rows)
 
 
+# Only rows still waiting: a run that already moved on has (or will get) its received
+# time from its final write, and an UPDATE that matches nothing writes nothing — no new
+# row version, no index entries, no row lock held against the pool process.
 received = UpdateBuffer(
-    "UPDATE jobs_job SET received_at = COALESCE(received_at, %s), "
-    "worker = CASE WHEN worker = '' THEN %s ELSE worker END, "
-    "state = CASE WHEN state = 'PENDING' THEN 'RECEIVED' ELSE state END "
-    "WHERE id = %s"
+    "UPDATE jobs_job SET received_at = %s, worker = %s, state = 'RECEIVED' "
+    "WHERE id = %s AND state = 'PENDING'"
 )
 started = UpdateBuffer(
     "UPDATE jobs_job SET started_at = %s, worker = %s, "

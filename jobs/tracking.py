@@ -15,13 +15,15 @@ import os
 import random
 import socket
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from celery import Task, current_task, states
 from celery.exceptions import Ignore
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from jobs import buffer, guard
@@ -198,8 +200,15 @@ def record_duplicate(task_id: str, claim) -> None:
 
 
 def record_received(request) -> None:
-    """In the worker's main process (Celery's bottleneck): buffered, written in batches."""
-    buffer.received.add((timezone.now(), request.hostname or "", request.id))
+    """In the worker's main process (Celery's bottleneck): buffered, written in batches.
+
+    The time also travels with the request to the pool process (its request dict is
+    what the pool process runs), so the final write records it: a run that finishes
+    before the batch is written still has its received time, at no extra write.
+    """
+    now = timezone.now()
+    request.request_dict["jobsite_received_at"] = now.timestamp()
+    buffer.received.add((now, request.hostname or "", request.id))
 
 
 def record_state(task_id: str, status: str, result, traceback: str | None, request) -> None:
@@ -215,13 +224,18 @@ def record_state(task_id: str, status: str, result, traceback: str | None, reque
         request.jobsite_started_at = timezone.now()
         buffer.started.add((request.jobsite_started_at, request.hostname or "", task_id))
         return
+    # A run that finishes within the batch interval never needs its STARTED write.
+    buffer.started.discard(task_id)
     fields = _fields_for(status, result, traceback, request)
     if status == states.RETRY:
         _record_retry(task_id, fields, request)
         return
     # LOST is not final here: a redelivered run that runs again comes back from it.
     final = (JobState.SUCCESS, JobState.FAILURE, JobState.REVOKED)
-    updated = Job.objects.filter(pk=task_id).exclude(state__in=final).update(**fields)
+    changes = dict(fields)
+    if "received_at" in changes:  # keep the batch's value if it got there first
+        changes["received_at"] = Coalesce(F("received_at"), Value(changes["received_at"]))
+    updated = Job.objects.filter(pk=task_id).exclude(state__in=final).update(**changes)
     if not updated and not Job.objects.filter(pk=task_id).exists():
         _create_from_request(task_id, request, fields)
 
@@ -242,6 +256,9 @@ def _fields_for(status: str, result, traceback: str | None, request) -> dict:
     started_at = getattr(request, "jobsite_started_at", None)
     if started_at and status in (states.SUCCESS, states.FAILURE, states.RETRY):
         fields["started_at"] = started_at
+    received = getattr(request, "jobsite_received_at", None)
+    if received and status in (states.SUCCESS, states.FAILURE):
+        fields["received_at"] = datetime.fromtimestamp(received, tz=UTC)
     if status == states.STARTED:
         fields["started_at"] = now
     elif status == states.SUCCESS:
