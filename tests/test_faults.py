@@ -135,9 +135,16 @@ def test_jobs_survive_a_redis_broker_restart(private_worker, private_redis, alic
     assert [job.state for job in finished] == ["SUCCESS"] * len(jobs)
 
 
-def test_jobs_survive_a_rabbitmq_restart(worker, alice_client, granted):
-    if worker.broker != "rabbitmq":
-        pytest.skip("the Redis variant restarts a private server: see the test above")
+@pytest.fixture
+def rabbitmq_worker(_workers, transactional_db):
+    """The session's RabbitMQ worker only (the Redis restart has its own test above)."""
+    worker = _workers("rabbitmq")
+    use_broker(BROKERS["rabbitmq"])
+    yield worker
+    use_broker(BROKERS["redis"])
+
+
+def test_jobs_survive_a_rabbitmq_restart(rabbitmq_worker, alice_client, granted):
     if shutil.which("rabbitmqctl") is None:
         service_unavailable("rabbitmqctl is needed to restart RabbitMQ")
     jobs = [submit(alice_client, "long_sleep", {"seconds": "3", "opt-queue": "default"})]
