@@ -21,6 +21,7 @@ from jobs import beat, guard, heartbeat
 from jobs.models import Job, JobSource
 
 from .conftest import ROOT
+from .test_schedules import form_data
 
 SCHEDULER = "jobs.beat:JobsiteScheduler"
 
@@ -148,7 +149,13 @@ def test_editing_the_interval_in_the_admin_changes_the_cadence_without_restartin
     time.sleep(2)  # beat has read the hourly schedule: nothing is due for an hour
     assert not runs_of(schedule).exists()
 
-    data = _admin_form(schedule, job_types["count_primes"], interval=every(1))
+    data = form_data(
+        job_types["count_primes"],
+        name=schedule.name,
+        interval=str(every(1).pk),
+        priority="5",
+        **{"params-limit": "100"},
+    )
     response = admin_client_for_beat.post(
         reverse("admin:django_celery_beat_periodictask_change", args=[schedule.pk]), data
     )
@@ -191,28 +198,3 @@ def test_a_second_beat_stands_by_and_does_not_double_the_runs(start_beat, job_ty
 def admin_client_for_beat(client, admin_user):
     client.force_login(admin_user)
     return client
-
-
-def _admin_form(schedule: PeriodicTask, job_type, *, interval: IntervalSchedule) -> dict:
-    return {
-        "name": schedule.name,
-        "job_type": str(job_type.pk),
-        "enabled": "on",
-        "description": "",
-        "interval": str(interval.pk),
-        "crontab": "",
-        "solar": "",
-        "clocked": "",
-        "start_time_0": "",
-        "start_time_1": "",
-        "expires_0": "",
-        "expires_1": "",
-        "expire_seconds": "",
-        "queue": "cpu",
-        "priority": "5",
-        "exchange": "",
-        "routing_key": "",
-        "headers": "",
-        "params-limit": "100",
-        "_save": "Save",
-    }
