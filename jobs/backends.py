@@ -1,24 +1,27 @@
 """Celery result backend: django-celery-results' database backend, plus Job tracking.
 
 Every state Celery stores passes through ``_store_result`` in the worker, before the
-message is acknowledged. A final state (and a retry) is written to Celery's TaskResult
-and to the Job in ONE transaction — one commit per run on the hot path — and the
-TaskResult row is upserted in one statement instead of get_or_create + save.
-STARTED writes no TaskResult row: it is buffered on the Job (jobs.buffer).
+message is acknowledged. On PostgreSQL, a run's final state is ONE statement in
+autocommit: a data-modifying CTE that updates the Job and upserts Celery's TaskResult,
+atomic and durable on return, one round trip to the database per run. Elsewhere (SQLite,
+MySQL) the same two writes share one transaction. STARTED writes no TaskResult row: it is
+buffered on the Job (jobs.buffer). RETRY and runs without a Job row go the ORM way.
 """
 
 from celery import states
 from django.db import InterfaceError, OperationalError, connection, transaction
+from django.utils import timezone
 from django_celery_results.backends.database import DatabaseBackend
 from django_celery_results.managers import TaskResultManager
 from django_celery_results.models import TaskResult
 
-from jobs import tracking
+from jobs import buffer, tracking
 
 _UPSERT_FIELDS = [
     "status", "result", "traceback", "meta", "content_encoding", "content_type",
     "periodic_task_name", "task_name", "task_args", "task_kwargs", "worker", "date_done",
 ]  # fmt: skip
+_FINAL = (states.SUCCESS, states.FAILURE, states.REVOKED)
 
 
 class UpsertingTaskResultManager(TaskResultManager):
@@ -46,6 +49,39 @@ class _TaskResults:
     _default_manager.model = TaskResult
 
 
+# The TaskResult half of the final write: the columns django-celery-results stores.
+_TASK_RESULT_COLUMNS = [*_UPSERT_FIELDS, "task_id", "date_created"]
+# Built once from the constants above: no value is ever formatted into SQL.
+_TASK_RESULT_UPSERT = (  # noqa: S608
+    'INSERT INTO "django_celery_results_taskresult" ({columns}) VALUES ({values}) '
+    'ON CONFLICT ("task_id") DO UPDATE SET {updates}'
+).format(
+    columns=", ".join(f'"{c}"' for c in _TASK_RESULT_COLUMNS),
+    values=", ".join(["%s"] * len(_TASK_RESULT_COLUMNS)),
+    updates=", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _UPSERT_FIELDS),
+)
+# The Job half: tracking.final_job_values() gives the parameters, in this order. A run
+# already final (cancelled meanwhile) keeps its state; the count says whether a row moved.
+_JOB_SET = {
+    states.SUCCESS: '"result" = %s, "result_file" = COALESCE(NULLIF(%s, \'\'), "result_file")',
+    states.FAILURE: '"exception_type" = %s, "error_message" = %s, "traceback" = %s',
+}
+_JOB_SET[states.REVOKED] = _JOB_SET[states.FAILURE]
+_FINAL_TEMPLATE = (
+    'WITH job AS (UPDATE "jobs_job" SET "state" = %s, '
+    '"worker" = COALESCE(NULLIF(%s, \'\'), "worker"), '
+    '"started_at" = COALESCE(%s, "started_at"), '
+    '"received_at" = COALESCE("received_at", %s), "finished_at" = %s, {job_set} '
+    "WHERE \"id\" = %s AND \"state\" NOT IN ('SUCCESS', 'FAILURE', 'REVOKED') "
+    "RETURNING 1), stored AS ({task_result}) "
+    "SELECT count(*) FROM job"
+)
+_FINAL_SQL = {
+    status: _FINAL_TEMPLATE.format(job_set=job_set, task_result=_TASK_RESULT_UPSERT)
+    for status, job_set in _JOB_SET.items()
+}
+
+
 class JobResultBackend(DatabaseBackend):
     TaskModel = _TaskResults
 
@@ -65,9 +101,42 @@ class JobResultBackend(DatabaseBackend):
         if status == states.STARTED:
             tracking.record_state(task_id, status, result, traceback, request)
             return result
+        fast = status in _FINAL and connection.vendor == "postgresql"
+        if (
+            fast
+            and tracking.tracked(request)
+            and self._store_final(task_id, result, status, traceback, request)
+        ):
+            return result
         with transaction.atomic():
             stored = super()._store_result(
                 task_id, result, status, traceback=traceback, request=request, using=using
             )
             tracking.record_state(task_id, status, result, traceback, request)
         return stored
+
+    def _store_final(self, task_id, result, status, traceback, request) -> bool:
+        """The run's Job and TaskResult in one statement; False if no Job row moved."""
+        content_type, content_encoding, encoded = self.encode_content(result)
+        meta = {
+            **self._get_meta_from_request(request),
+            "children": self.current_task_children(request),
+        }
+        _, _, encoded_meta = self.encode_content(meta)
+        extended = self._get_extended_properties(request, traceback)
+        now = timezone.now()
+        task_result = [
+            status, encoded, traceback, encoded_meta, content_encoding, content_type,
+            extended["periodic_task_name"], extended["task_name"], extended["task_args"],
+            extended["task_kwargs"], extended["worker"], now, task_id, now,
+        ]  # fmt: skip
+        job = tracking.final_job_values(status, result, traceback, request, now)
+        buffer.started.discard(task_id)  # moot: the final write carries started_at
+        with connection.cursor() as cursor:
+            cursor.execute(_FINAL_SQL[status], [*job, task_id, *task_result])
+            (moved,) = cursor.fetchone()
+        if moved:
+            return True
+        # No row moved: a run Jobsite has not seen yet (its row is created by the ORM
+        # path), or one already final (cancelled meanwhile: the path leaves it alone).
+        return tracking.job_is_final(task_id)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 
 from django.db import DatabaseError, connection
 
@@ -21,10 +22,19 @@ logger = logging.getLogger(__name__)
 
 
 class UpdateBuffer:
-    def __init__(self, sql: str, interval: float = 0.1) -> None:
+    """Rows of one UPDATE, written every ``interval`` once they are ``min_age`` old.
+
+    A row discarded before it is written (its run moved on) costs the database nothing.
+    """
+
+    def __init__(
+        self, sql: str, interval: float = 0.1, min_age: float = 0.0, *, background: bool = True
+    ) -> None:
         self.sql = sql
         self.interval = interval
-        self._rows: dict[str, tuple] = {}  # run id -> parameters (the id is last)
+        self.min_age = min_age
+        self.background = background  # a thread of its own flushes (off: call flush())
+        self._rows: dict[str, tuple] = {}  # run id -> (added at, parameters; the id last)
         self._lock = threading.Lock()
         self._pid: int | None = None
 
@@ -32,7 +42,7 @@ class UpdateBuffer:
         if self._pid != os.getpid():
             self._start()
         with self._lock:
-            self._rows[row[-1]] = row
+            self._rows[row[-1]] = (time.monotonic(), row)
 
     def discard(self, run_id: str) -> None:
         """The run's final state is being written: its pending write is moot."""
@@ -45,7 +55,8 @@ class UpdateBuffer:
         self._lock = threading.Lock()
         self._rows = {}
         self._pid = os.getpid()
-        threading.Thread(target=self._run, name="jobsite-buffer", daemon=True).start()
+        if self.background:
+            threading.Thread(target=self._run, name="jobsite-buffer", daemon=True).start()
 
     def _run(self) -> None:
         stop = threading.Event()
@@ -59,9 +70,16 @@ class UpdateBuffer:
                 with contextlib.suppress(Exception):
                     connection.close()
 
-    def flush(self) -> int:
+    def flush(self, *, everything: bool = False) -> int:
         with self._lock:
-            rows, self._rows = list(self._rows.values()), {}
+            if everything or not self.min_age:
+                rows = [row for _, row in self._rows.values()]
+                self._rows = {}
+            else:
+                born = time.monotonic() - self.min_age
+                rows = [row for added, row in self._rows.values() if added <= born]
+                for row in rows:
+                    del self._rows[row[-1]]
         if not rows:
             return 0
         # Autocommit: each UPDATE holds its row lock only for itself, never for the
@@ -73,10 +91,14 @@ class UpdateBuffer:
 
 # Only rows still waiting: a run that already moved on has (or will get) its received
 # time from its final write, and an UPDATE that matches nothing writes nothing — no new
-# row version, no index entries, no row lock held against the pool process.
+# row version, no index entries, no row lock held against the pool process. RECEIVED is
+# written for runs that wait in the worker (an ETA, a busy pool) for a second or more;
+# the others start at once, and their write is discarded when they are acknowledged.
 received = UpdateBuffer(
     "UPDATE jobs_job SET received_at = %s, worker = %s, state = 'RECEIVED' "
-    "WHERE id = %s AND state = 'PENDING'"
+    "WHERE id = %s AND state = 'PENDING'",
+    interval=0.25,
+    min_age=1.0,
 )
 started = UpdateBuffer(
     "UPDATE jobs_job SET started_at = %s, worker = %s, "
@@ -89,6 +111,6 @@ started = UpdateBuffer(
 def flush_all() -> None:
     for buffer in (received, started):
         try:
-            buffer.flush()
+            buffer.flush(everything=True)
         except DatabaseError as exc:
             logger.warning("Buffered state writes lost at shutdown: %s", exc)

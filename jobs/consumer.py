@@ -14,6 +14,8 @@ from celery.worker.consumer import Consumer
 from django.conf import settings
 from django.db import close_old_connections
 
+from jobs import buffer
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,7 +51,7 @@ class JobsiteConsumer(Consumer):
         limit = settings.JOBSITE_MAX_MESSAGE_BYTES
 
         def on_task_received(message):
-            message.ack_log_error = self._safe_ack(message)
+            message.ack_log_error = self._safe_ack(message, (message.headers or {}).get("id"))
             size = len(message.body or b"")
             if size > limit:
                 logger.error("Rejected a %d-byte message (limit %d)", size, limit)
@@ -60,7 +62,7 @@ class JobsiteConsumer(Consumer):
 
         return on_task_received
 
-    def _safe_ack(self, message):
+    def _safe_ack(self, message, task_id: str | None):
         """Acknowledge, also when the message's channel died with a Redis connection.
 
         An acks_late task that finishes after a Redis reconnect acks through its old,
@@ -71,6 +73,11 @@ class JobsiteConsumer(Consumer):
         ack = message.ack_log_error
 
         def safe_ack(log, errors, *args, **kwargs):
+            # Acknowledged: the run has started (early ack) or its final state is stored
+            # (acks_late), so its buffered RECEIVED write is moot — in a busy worker most
+            # runs finish before the buffer is written, and cost it nothing.
+            if task_id:
+                buffer.received.discard(task_id)
             try:
                 return ack(log, errors, *args, **kwargs)
             except AttributeError:

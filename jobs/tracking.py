@@ -240,6 +240,44 @@ def record_state(task_id: str, status: str, result, traceback: str | None, reque
         _create_from_request(task_id, request, fields)
 
 
+def tracked(request) -> bool:
+    """Whether runs of this request's task are recorded as Jobs (all but maintenance)."""
+    task_name = getattr(request, "task", None) or getattr(request, "name", "") or ""
+    return not task_name.startswith(MAINTENANCE_PREFIX)
+
+
+def final_job_values(status: str, result, traceback: str | None, request, now) -> list:
+    """Parameters of the final-state UPDATE in jobs.backends, in its order.
+
+    The same values ``record_state`` stores through the ORM, prepared for the database.
+    """
+    from django.db import connection
+
+    from jobs.models import Job
+
+    fields = _fields_for(status, result, traceback, request, now)
+    values = [
+        status,
+        fields.get("worker", ""),
+        fields.get("started_at"),
+        fields.get("received_at"),
+        fields["finished_at"],
+    ]
+    if status == states.SUCCESS:
+        prepared = Job._meta.get_field("result").get_db_prep_save(result, connection)
+        values += [prepared, fields.get("result_file", "")]
+    else:
+        values += [fields["exception_type"], fields["error_message"], fields["traceback"]]
+    return values
+
+
+def job_is_final(task_id: str) -> bool:
+    from jobs.models import Job, JobState
+
+    final = (JobState.SUCCESS, JobState.FAILURE, JobState.REVOKED)
+    return Job.objects.filter(pk=task_id, state__in=final).exists()
+
+
 def _submitted_by_jobsite(request) -> bool:
     """Runs Jobsite published carry its headers; their Job row exists before they start."""
     return getattr(request, "jobsite_max_retries", None) is not None or bool(
@@ -247,8 +285,8 @@ def _submitted_by_jobsite(request) -> bool:
     )
 
 
-def _fields_for(status: str, result, traceback: str | None, request) -> dict:
-    now = timezone.now()
+def _fields_for(status: str, result, traceback: str | None, request, now=None) -> dict:
+    now = now or timezone.now()
     fields: dict = {"state": status}
     hostname = getattr(request, "hostname", None)
     if hostname:

@@ -214,7 +214,13 @@ CELERY_TASK_DEFAULT_EXCHANGE = "default"
 CELERY_TASK_DEFAULT_ROUTING_KEY = "default"
 CELERY_TASK_DEFAULT_PRIORITY = 5
 CELERY_TASK_QUEUE_MAX_PRIORITY = 10
-CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("CELERY_WORKER_PREFETCH_MULTIPLIER", 1, minimum=0)
+# Catalogued tasks are acks_late, so the runs a worker is executing count against its
+# prefetch window: with 1, a pool process that finishes sits idle while the worker asks
+# the broker for its next message (~25% of throughput on short jobs, see README,
+# Performance). 2 keeps one message waiting per pool process; a worker busy with long
+# jobs holds at most `concurrency` messages back from other workers (Celery's own
+# default, 4, would hold three times that). Set 1 for workers that run only long jobs.
+CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("CELERY_WORKER_PREFETCH_MULTIPLIER", 2, minimum=0)
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_TIMEZONE = TIME_ZONE
 # django-celery-beat's DatabaseScheduler behind a Redis lock: exactly one beat fires.
@@ -222,7 +228,9 @@ CELERY_BEAT_SCHEDULER = "jobs.beat:JobsiteScheduler"
 CELERY_TASK_ALWAYS_EAGER = False
 # Celery's Django fix-up closes the database connection around every task unless this
 # is set, and reconnecting costs more than the task (see README, Performance). Pool
-# processes keep their connection; jobs.signals checks it is usable before each task.
+# processes keep their connection; jobs.signals checks it is usable before a task that
+# follows a pause of a second or more (back to back, a broken connection fails the final
+# write, which reconnects and stores it again: CELERY_RESULT_BACKEND_ALWAYS_RETRY).
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000, minimum=0)
 
 # --- Jobsite ------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""The worker's hot path: a run's final state in one statement, and the state buffers."""
+
+import time
+import uuid
+
+import pytest
+from celery.app.task import Context
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django_celery_results.models import TaskResult
+
+from jobs.buffer import UpdateBuffer
+from jobs.models import Job
+from jobsite.celery import app
+
+
+def request_for(task_id: str, **extra) -> Context:
+    fields = {"task": "jobs.noop", "hostname": "w1@host", "args": [], "kwargs": {},
+              "delivery_info": {"routing_key": "default"}}  # fmt: skip
+    return Context(id=task_id, **{**fields, **extra})
+
+
+@pytest.fixture
+def pending(db, alice) -> Job:
+    return Job.objects.create(
+        id=str(uuid.uuid4()), task_name="jobs.noop", state="STARTED", submitted_by=alice
+    )
+
+
+def test_a_success_is_one_statement_for_the_job_and_celerys_task_result(pending):
+    request = request_for(pending.pk, jobsite_received_at=time.time() - 2)
+
+    with CaptureQueriesContext(connection) as queries:
+        app.backend.mark_as_done(pending.pk, {"primes": 7}, request=request)
+
+    assert len(queries) == 1
+    job = Job.objects.get(pk=pending.pk)
+    assert (job.state, job.result, job.worker) == ("SUCCESS", {"primes": 7}, "w1@host")
+    assert job.finished_at and job.received_at and job.received_at < job.finished_at
+    stored = TaskResult.objects.get(task_id=pending.pk)
+    assert (stored.status, stored.task_name, stored.worker) == ("SUCCESS", "jobs.noop", "w1@host")
+    assert app.backend.get_task_meta(pending.pk)["result"] == {"primes": 7}
+
+
+def test_a_failure_stores_the_exception_on_the_job_and_in_celerys_record(pending):
+    app.backend.mark_as_failure(
+        pending.pk, ValueError("disk full"), traceback="Traceback: boom",
+        request=request_for(pending.pk),
+    )  # fmt: skip
+
+    job = Job.objects.get(pk=pending.pk)
+    assert (job.state, job.exception_type, job.error_message) == (
+        "FAILURE", "ValueError", "disk full",
+    )  # fmt: skip
+    assert job.traceback == "Traceback: boom"
+    assert TaskResult.objects.get(task_id=pending.pk).status == "FAILURE"
+    assert isinstance(app.backend.get_task_meta(pending.pk)["result"], ValueError)
+
+
+def test_a_run_cancelled_meanwhile_stays_cancelled(pending):
+    Job.objects.filter(pk=pending.pk).update(state="REVOKED", error_message="Cancelled by alice")
+
+    app.backend.mark_as_done(pending.pk, {"late": True}, request=request_for(pending.pk))
+
+    job = Job.objects.get(pk=pending.pk)
+    assert (job.state, job.result, job.error_message) == ("REVOKED", None, "Cancelled by alice")
+
+
+def test_a_run_jobsite_has_not_seen_gets_its_job_row(db):
+    task_id = str(uuid.uuid4())  # e.g. a plain .delay() of a catalogued task
+
+    app.backend.mark_as_done(task_id, {"ok": 1}, request=request_for(task_id, kwargs={"n": 3}))
+
+    job = Job.objects.get(pk=task_id)
+    assert (job.state, job.result, job.source, job.params) == (
+        "SUCCESS", {"ok": 1}, "external", {"n": 3},
+    )  # fmt: skip
+    assert TaskResult.objects.get(task_id=task_id).status == "SUCCESS"
+
+
+def received_buffer(min_age: float) -> UpdateBuffer:
+    return UpdateBuffer(
+        "UPDATE jobs_job SET received_at = %s, worker = %s, state = 'RECEIVED' "
+        "WHERE id = %s AND state = 'PENDING'",
+        min_age=min_age,
+        background=False,
+    )
+
+
+def test_a_buffered_write_waits_until_it_is_old_enough(db, alice):
+    job = Job.objects.create(id=str(uuid.uuid4()), task_name="jobs.noop", submitted_by=alice)
+    buffer = received_buffer(min_age=0.3)
+    buffer.add((job.created_at, "w1@host", job.pk))
+
+    assert buffer.flush() == 0  # too young: it may start (and be discarded) any moment
+    assert Job.objects.get(pk=job.pk).state == "PENDING"
+    time.sleep(0.35)
+    assert buffer.flush() == 1
+    assert Job.objects.get(pk=job.pk).state == "RECEIVED"
+
+
+def test_a_discarded_buffered_write_is_never_made_and_shutdown_writes_the_rest(db, alice):
+    moved_on, waiting = (
+        Job.objects.create(id=str(uuid.uuid4()), task_name="jobs.noop", submitted_by=alice)
+        for _ in range(2)
+    )
+    buffer = received_buffer(min_age=60)
+    for job in (moved_on, waiting):
+        buffer.add((job.created_at, "w1@host", job.pk))
+
+    buffer.discard(moved_on.pk)  # acknowledged: started and finished already
+
+    assert buffer.flush(everything=True) == 1
+    assert Job.objects.get(pk=moved_on.pk).state == "PENDING"
+    assert Job.objects.get(pk=waiting.pk).state == "RECEIVED"
