@@ -216,8 +216,8 @@ CELERY_TASK_DEFAULT_PRIORITY = 5
 CELERY_TASK_QUEUE_MAX_PRIORITY = 10
 # Catalogued tasks are acks_late, so the runs a worker is executing count against its
 # prefetch window: with 1, a pool process that finishes sits idle while the worker asks
-# the broker for its next message (~25% of throughput on short jobs, see README,
-# Performance). 2 keeps one message waiting per pool process; a worker busy with long
+# the broker for its next message (short jobs drain slower, see README, Performance).
+# 2 keeps one message waiting per pool process; a worker busy with long
 # jobs holds at most `concurrency` messages back from other workers (Celery's own
 # default, 4, would hold three times that). Set 1 for workers that run only long jobs.
 CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("CELERY_WORKER_PREFETCH_MULTIPLIER", 2, minimum=0)
