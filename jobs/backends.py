@@ -8,12 +8,14 @@ MySQL) the same two writes share one transaction. STARTED writes no TaskResult r
 buffered on the Job (jobs.buffer). RETRY and runs without a Job row go the ORM way.
 """
 
+import time
+
 from celery import states
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 from django_celery_results.backends.database import DatabaseBackend
 from django_celery_results.managers import TaskResultManager
-from django_celery_results.models import TaskResult
+from django_celery_results.models import ChordCounter, TaskResult
 
 from jobs import buffer, tracking
 
@@ -82,8 +84,27 @@ _FINAL_SQL = {
 }
 
 
+# How long a chord part waits for its group's counter to be committed (see below).
+CHORD_COUNTER_WAIT = 10.0  # seconds
+
+
 class JobResultBackend(DatabaseBackend):
     TaskModel = _TaskResults
+
+    def on_chord_part_return(self, request, state, result, **kwargs):
+        """Wait for the chord's counter before counting this part.
+
+        A workflow is published inside the transaction that marks its steps sent, and
+        django-celery-results creates the chord's ChordCounter in that transaction too,
+        so a fast first part can finish before it commits. The stock backend then logs
+        "Can't find ChordCounter" and drops the part, and the chord never completes.
+        """
+        if request.group and request.id:
+            deadline = time.monotonic() + CHORD_COUNTER_WAIT
+            counters = ChordCounter.objects.filter(group_id=request.group)
+            while not counters.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return super().on_chord_part_return(request, state, result, **kwargs)
 
     def exception_safe_to_retry(self, exc) -> bool:
         """A dropped database connection: reconnect and store again.

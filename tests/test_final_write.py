@@ -1,5 +1,6 @@
 """The worker's hot path: a run's final state in one statement, and the state buffers."""
 
+import threading
 import time
 import uuid
 
@@ -7,7 +8,7 @@ import pytest
 from celery.app.task import Context
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
-from django_celery_results.models import TaskResult
+from django_celery_results.models import ChordCounter, TaskResult
 
 from jobs.buffer import UpdateBuffer
 from jobs.models import Job
@@ -113,3 +114,23 @@ def test_a_discarded_buffered_write_is_never_made_and_shutdown_writes_the_rest(d
     assert buffer.flush(everything=True) == 1
     assert Job.objects.get(pk=moved_on.pk).state == "PENDING"
     assert Job.objects.get(pk=waiting.pk).state == "RECEIVED"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chord_part_that_finishes_before_its_counter_is_committed_is_still_counted():
+    # The publisher commits the ChordCounter after the header messages are out.
+    group_id = str(uuid.uuid4())
+
+    def publisher_commits_later():
+        time.sleep(0.3)
+        ChordCounter.objects.create(group_id=group_id, sub_tasks="[]", count=2)
+        connection.close()
+
+    thread = threading.Thread(target=publisher_commits_later)
+    thread.start()
+    request = request_for(str(uuid.uuid4()), group=group_id, chord={"task": "jobs.sum_results"})
+
+    app.backend.on_chord_part_return(request, "SUCCESS", {"primes": 1})
+    thread.join()
+
+    assert ChordCounter.objects.get(group_id=group_id).count == 1  # counted, not dropped
