@@ -23,7 +23,6 @@ _UPSERT_FIELDS = [
     "status", "result", "traceback", "meta", "content_encoding", "content_type",
     "periodic_task_name", "task_name", "task_args", "task_kwargs", "worker", "date_done",
 ]  # fmt: skip
-_FINAL = (states.SUCCESS, states.FAILURE, states.REVOKED)
 
 
 class UpsertingTaskResultManager(TaskResultManager):
@@ -122,7 +121,7 @@ class JobResultBackend(DatabaseBackend):
         if status == states.STARTED:
             tracking.record_state(task_id, status, result, traceback, request)
             return result
-        fast = status in _FINAL and connection.vendor == "postgresql"
+        fast = status in tracking.FINAL and connection.vendor == "postgresql"
         if (
             fast
             and tracking.tracked(request)

@@ -35,6 +35,9 @@ MAX_LOG_LINES = 1000
 MAX_LOG_MESSAGE = 10_000
 PROGRESS_MIN_INTERVAL = 0.3  # seconds between two progress writes of one run
 MAINTENANCE_PREFIX = "jobsite."  # Jobsite's own tasks: not runs, not recorded
+# States a run's row never leaves. LOST is not among them: a redelivered run that runs
+# again comes back from it.
+FINAL = (states.SUCCESS, states.FAILURE, states.REVOKED)
 
 
 class JobTask(Task):
@@ -213,10 +216,9 @@ def record_received(request) -> None:
 
 def record_state(task_id: str, status: str, result, traceback: str | None, request) -> None:
     """Store one Celery state transition on the run's Job row (creating it if needed)."""
-    from jobs.models import Job, JobState
+    from jobs.models import Job
 
-    task_name = getattr(request, "task", None) or getattr(request, "name", "") or ""
-    if task_name.startswith(MAINTENANCE_PREFIX):
+    if not tracked(request):
         return
     if status == states.STARTED and _submitted_by_jobsite(request):
         # Its row exists: STARTED is informative, so it is buffered; the final write
@@ -230,12 +232,10 @@ def record_state(task_id: str, status: str, result, traceback: str | None, reque
     if status == states.RETRY:
         _record_retry(task_id, fields, request)
         return
-    # LOST is not final here: a redelivered run that runs again comes back from it.
-    final = (JobState.SUCCESS, JobState.FAILURE, JobState.REVOKED)
     changes = dict(fields)
     if "received_at" in changes:  # keep the batch's value if it got there first
         changes["received_at"] = Coalesce(F("received_at"), Value(changes["received_at"]))
-    updated = Job.objects.filter(pk=task_id).exclude(state__in=final).update(**changes)
+    updated = Job.objects.filter(pk=task_id).exclude(state__in=FINAL).update(**changes)
     if not updated and not Job.objects.filter(pk=task_id).exists():
         _create_from_request(task_id, request, fields)
 
@@ -272,10 +272,9 @@ def final_job_values(status: str, result, traceback: str | None, request, now) -
 
 
 def job_is_final(task_id: str) -> bool:
-    from jobs.models import Job, JobState
+    from jobs.models import Job
 
-    final = (JobState.SUCCESS, JobState.FAILURE, JobState.REVOKED)
-    return Job.objects.filter(pk=task_id, state__in=final).exists()
+    return Job.objects.filter(pk=task_id, state__in=FINAL).exists()
 
 
 def _submitted_by_jobsite(request) -> bool:
