@@ -20,7 +20,9 @@ from urllib.parse import urlsplit
 
 import pytest
 from django.contrib.auth.models import Group, User
-from django.db import connection
+from django.core.management.base import CommandError
+from django.core.management.commands import flush
+from django.db import OperationalError, connection
 
 from jobs import catalog
 from jobs.models import FINISHED_STATES, Job, JobType
@@ -51,6 +53,33 @@ def _reachable(url: str) -> bool:
 
 
 # --- Users and the catalogue ------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _flush_survives_a_deadlock() -> Iterator[None]:
+    """Retry the between-tests flush when PostgreSQL picks it as a deadlock victim.
+
+    A live worker may still be finishing a test's last message while the flush
+    TRUNCATEs every table; PostgreSQL then aborts one of the two transactions.
+    The flush rolls back whole, so running it again is safe.
+    """
+    original = flush.Command.handle
+
+    def handle(self, *args, **options):
+        for attempt in range(3):
+            try:
+                return original(self, *args, **options)
+            except CommandError as exc:
+                deadlock = isinstance(exc.__cause__, OperationalError) and (
+                    "deadlock" in str(exc.__cause__)
+                )
+                if not deadlock or attempt == 2:
+                    raise
+                time.sleep(0.2)
+
+    flush.Command.handle = handle
+    yield
+    flush.Command.handle = original
 
 
 @pytest.fixture
