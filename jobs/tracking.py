@@ -10,6 +10,7 @@ here the first time the worker sees them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -62,6 +63,10 @@ class JobTask(Task):
     def _skip_cancelled(self, task_id: str):
         # Cancelled before it started: never execute, whenever the message arrives.
         logger.info("Run %s was cancelled before it started; skipping it", task_id)
+        # A run cancelled from Jobsite is REVOKED already; one that only its marker
+        # cancelled (beat's run sent ahead of a schedule since changed) is made so.
+        result = {"exc_type": "TaskRevokedError", "exc_message": "Cancelled before it started"}
+        record_state(task_id, states.REVOKED, result, None, self.request)
         raise Ignore()
 
     def _claim(self, request) -> None:
@@ -367,8 +372,14 @@ def _create_from_request(task_id: str, request, fields: dict) -> None:
     args = getattr(request, "args", None)
     if args:
         params["_args"] = list(args)
+    # Submitted and sent elsewhere, when is not known here: the earliest time Jobsite
+    # knows of is the worker's receipt (a run sent ahead waits there for its ETA).
+    received = getattr(request, "jobsite_received_at", None)
+    received_at = datetime.fromtimestamp(received, tz=UTC) if received else None
+    first_seen = received_at or timezone.now()
     job = Job(
         id=task_id,
+        created_at=first_seen,
         task_name=task_name,
         job_type=JobType.objects.filter(name=spec.name).first() if spec else None,
         params=params,
@@ -378,8 +389,9 @@ def _create_from_request(task_id: str, request, fields: dict) -> None:
         workflow_id=root_id if root_id != task_id else "",
         queue=delivery.get("routing_key") or "",
         priority=delivery.get("priority"),
-        sent_at=timezone.now(),
-        **fields,
+        sent_at=first_seen,
+        eta=_eta(request),
+        **{"received_at": received_at, **fields},
     )
     try:
         with transaction.atomic():
@@ -387,6 +399,15 @@ def _create_from_request(task_id: str, request, fields: dict) -> None:
     except IntegrityError:
         # Another process created it in between: apply our transition to that row.
         Job.objects.filter(pk=task_id).update(**fields)
+
+
+def _eta(request) -> datetime | None:
+    """The message's ETA (beat sends runs ahead with their due time as one)."""
+    eta = getattr(request, "eta", None)
+    if isinstance(eta, str):
+        with contextlib.suppress(ValueError):
+            eta = datetime.fromisoformat(eta)
+    return eta if isinstance(eta, datetime) else None
 
 
 def _schedule_id(name: str) -> int | None:

@@ -250,6 +250,10 @@ JOBSITE_PAGE_SIZE = env_int("JOBSITE_PAGE_SIZE", 50, minimum=1)
 # A standby beat takes over within this time when the active one dies; the schedule
 # admin warns that beat is not running when its heartbeat is older than this.
 JOBSITE_BEAT_LOCK_TTL = env_int("JOBSITE_BEAT_LOCK_TTL", 30, minimum=3)
+# Seconds ahead of its due time beat may send a recurring run, with that due time as
+# its ETA (the worker starts it no earlier): thousands of runs due in the same second
+# are then published before it, not seconds after. 0 sends each run when it is due.
+JOBSITE_BEAT_LEAD = env_int("JOBSITE_BEAT_LEAD", 10, minimum=0)
 
 # --- JSON API (Django REST framework + drf-spectacular) -------------------------
 # https://www.django-rest-framework.org/api-guide/settings/

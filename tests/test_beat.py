@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from django.urls import reverse
-from django_celery_beat.models import IntervalSchedule, PeriodicTask
+from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTasks
 
 from jobs import beat, guard, heartbeat
 from jobs.models import Job, JobSource
@@ -123,7 +123,7 @@ def test_beat_fires_a_one_second_schedule_and_its_runs_are_linked_to_it(
     )
     process = start_beat()
 
-    runs = wait_for_runs(schedule, 3)
+    runs = wait_for_runs(schedule, 4)
 
     process.wait_for_log("Schedule 'typed in' is not sent")
     assert all(run.source == JobSource.BEAT for run in runs)
@@ -131,6 +131,14 @@ def test_beat_fires_a_one_second_schedule_and_its_runs_are_linked_to_it(
     assert all(run.job_type == job_types["count_primes"] for run in runs)
     assert all(run.params == {"limit": 100} and run.result["primes"] == 25 for run in runs)
     assert all(run.queue == "cpu" for run in runs)
+    # Sent ahead (JOBSITE_BEAT_LEAD) with the due time as ETA: never started before it.
+    ahead = [run for run in runs if run.eta is not None]
+    assert len(ahead) >= 2, [(run.received_at, run.eta) for run in runs]
+    assert all(run.started_at >= run.eta for run in ahead)
+    # First seen when the worker received it (not when it started, after its ETA).
+    assert all(run.created_at == run.received_at <= run.started_at for run in runs), [
+        (run.created_at, run.received_at, run.started_at) for run in runs
+    ]
     assert not Job.objects.filter(task_name="os.system").exists()
     assert heartbeat.beat_last_seen() is not None
     history = admin_client_for_beat.get(reverse("jobs-history"), {"schedule": "every second"})
@@ -169,6 +177,38 @@ def test_editing_the_interval_in_the_admin_changes_the_cadence_without_restartin
     time.sleep(3)
     assert runs_of(schedule).count() == settled
     assert process.process.poll() is None  # the same beat throughout
+
+
+def test_disabling_a_schedule_cancels_its_run_already_sent_ahead(start_beat, job_types):
+    schedule = make_schedule("disabled soon", 6)
+    process = start_beat()
+    first = wait_for_runs(schedule, 1)[0]  # sent when beat started; the next goes ahead
+    deadline = time.monotonic() + 10
+    while process.sent("disabled soon") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.sent("disabled soon") == 2, process.output()[-3000:]
+
+    # As the admin's "disable" action does (a queryset update, and the change flag).
+    PeriodicTask.objects.filter(pk=schedule.pk).update(enabled=False)
+    PeriodicTasks.update_changed()
+
+    process.wait_for_log("Schedule 'disabled soon' was disabled or deleted")
+    cancelled = wait_for_state(schedule, "REVOKED", timeout=15)
+    assert cancelled.pk != first.pk
+    assert cancelled.error_message == "Cancelled before it started"
+    assert cancelled.result is None  # never executed
+    assert runs_of(schedule).filter(state="SUCCESS").count() == 1
+
+
+def wait_for_state(schedule: PeriodicTask, state: str, *, timeout: float) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = runs_of(schedule).filter(state=state).first()
+        if run is not None:
+            return run
+        time.sleep(0.1)
+    runs = list(runs_of(schedule).values_list("state", flat=True))
+    raise AssertionError(f"{schedule.name}: no {state} run in {timeout}s: {runs}")
 
 
 def test_a_second_beat_stands_by_and_does_not_double_the_runs(start_beat, job_types):

@@ -7,9 +7,23 @@ lock renewed at most once per second, no entry-by-entry comparison) lose nothing
 
 from __future__ import annotations
 
-import pytest
-from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTasks
+import contextlib
+import datetime
+import time
+import uuid
+from collections.abc import Iterator
 
+import pytest
+from django.utils import timezone
+from django_celery_beat.models import (
+    CrontabSchedule,
+    IntervalSchedule,
+    PeriodicTask,
+    PeriodicTasks,
+    SolarSchedule,
+)
+
+from jobs import guard
 from jobs.beat import JobsiteScheduler
 from jobsite.celery import app as celery_app
 
@@ -78,3 +92,197 @@ def test_the_change_check_is_throttled_to_once_per_interval(scheduler, every_10s
     assert scheduler.schedule_changed() is False
     scheduler.check_every = 0
     assert scheduler.schedule_changed() is True
+
+
+# --- Runs sent ahead of their due time (JOBSITE_BEAT_LEAD) ------------------------------
+
+
+@pytest.fixture
+def queue_name() -> Iterator[str]:
+    name = f"test-ahead-{uuid.uuid4().hex[:8]}"
+    yield name
+    with celery_app.connection_for_write() as conn:
+        conn.default_channel.queue_delete(name)
+
+
+def sent_message(queue: str):
+    """The one message beat published to ``queue`` (its headers), read off the broker."""
+    # The app's connection: its transport options say where priorities put the message.
+    with celery_app.connection_for_read() as conn, conn.SimpleQueue(queue) as simple:
+        message = simple.get(timeout=5)
+        message.ack()
+        with pytest.raises(simple.Empty):
+            simple.get(timeout=0.2)
+        return message.headers
+
+
+def load(scheduler: JobsiteScheduler, lead: int) -> None:
+    """Read the schedules as beat does at start-up (no later re-read by the test)."""
+    scheduler.lead = lead
+    scheduler._schedule = scheduler.all_as_schedule()
+    scheduler._initial_read = False
+    scheduler._last_full_sync = datetime.datetime.now()  # naive, as DatabaseScheduler keeps it
+    scheduler.check_every = 3600
+    scheduler._changes_checked_at = time.monotonic()
+
+
+def fire(scheduler: JobsiteScheduler, entry):
+    """What Celery's tick does with the entry at the top of its heap, if it is due.
+
+    Returns is_due's answer and the entry that goes back on the heap.
+    """
+    state = scheduler.is_due(entry)
+    if state.is_due:
+        next_entry = scheduler.reserve(entry)
+        scheduler.apply_entry(entry, producer=scheduler.producer)
+        return state, next_entry
+    return state, entry
+
+
+def aware(value) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def test_a_run_due_within_the_lead_is_sent_ahead_with_its_due_time_as_eta(
+    scheduler, every_10s, queue_name
+):
+    due = timezone.now() + datetime.timedelta(seconds=4)
+    task = PeriodicTask.objects.create(
+        name="ahead", task="jobs.noop", interval=every_10s, queue=queue_name,
+        last_run_at=due - datetime.timedelta(seconds=10), expire_seconds=30,
+    )  # fmt: skip
+    load(scheduler, lead=10)
+
+    state, entry = fire(scheduler, scheduler.schedule["ahead"])
+
+    assert state.is_due
+    headers = sent_message(queue_name)
+    assert aware(headers["eta"]) == due  # to the microsecond
+    assert aware(headers["expires"]) == due + datetime.timedelta(seconds=30)
+    assert (
+        entry.last_run_at == entry.model.last_run_at == due
+    )  # the run sent is the one due then, not "now"
+    # Until that run is due, the next one is not sent ahead: look again just after it.
+    again = scheduler.is_due(entry)
+    until_due = (due - timezone.now()).total_seconds()
+    assert not again.is_due and abs(again.next - (until_due + 0.02)) < 0.1
+    scheduler.sync()
+    task.refresh_from_db()
+    assert task.last_run_at == due and task.total_run_count == 1
+
+
+@pytest.mark.parametrize("change", ["none", "disabled", "deleted", "edited", "new interval"])
+def test_a_run_sent_ahead_is_cancelled_when_its_schedule_changes_before_it_is_due(
+    scheduler, every_10s, queue_name, change
+):
+    task = PeriodicTask.objects.create(
+        name="ahead", task="jobs.noop", interval=every_10s, queue=queue_name,
+        last_run_at=timezone.now() - datetime.timedelta(seconds=5),
+    )  # fmt: skip
+    load(scheduler, lead=10)
+    assert fire(scheduler, scheduler.schedule["ahead"])[0].is_due
+    task_id = sent_message(queue_name)["id"]
+    scheduler.sync()  # as beat does before it re-reads the schedules
+
+    if change == "disabled":  # as the admin's "disable" action does
+        PeriodicTask.objects.filter(pk=task.pk).update(enabled=False)
+    elif change == "deleted":
+        task.delete()
+    elif change == "edited":  # saved from the admin form
+        task.refresh_from_db()
+        task.kwargs = '{"note": "changed"}'
+        task.save()
+    elif change == "new interval":
+        IntervalSchedule.objects.filter(pk=every_10s.pk).update(every=20)
+    scheduler.all_as_schedule()  # beat's re-read after the change
+
+    assert guard.is_revoked(task_id) is (change != "none")
+
+
+def test_the_crontab_run_after_one_sent_ahead_is_the_next_minute(scheduler, queue_name):
+    every_minute = CrontabSchedule.objects.create(minute="*", hour="*", timezone="UTC")
+    PeriodicTask.objects.create(
+        name="cron", task="jobs.noop", crontab=every_minute, queue=queue_name,
+        last_run_at=timezone.now() - datetime.timedelta(seconds=5),
+    )  # fmt: skip
+    load(scheduler, lead=120)  # a run due every minute is always within it
+
+    state, entry = fire(scheduler, scheduler.schedule["cron"])
+
+    assert state.is_due
+    eta = aware(sent_message(queue_name)["eta"])
+    assert eta > timezone.now() and eta.second == eta.microsecond == 0
+    assert entry.last_run_at == eta
+    # Once that minute has come, the run sent ahead is the following minute's.
+    with freeze(entry, eta - datetime.timedelta(seconds=1)):
+        assert not scheduler.is_due(entry).is_due  # one run ahead at a time
+    with freeze(entry, eta + datetime.timedelta(seconds=1)):
+        state, entry = fire(scheduler, entry)
+    assert state.is_due
+    assert aware(sent_message(queue_name)["eta"]) == eta + datetime.timedelta(minutes=1)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"one_off": True},
+        {"start_time_in": 3},  # starts later: its first run is sent when due
+        {"expires_in": 2},  # the schedule ends before its next run
+        {"enabled": False},
+        {"solar": True},
+    ],
+    ids=["one-off", "not started", "ends first", "disabled", "solar"],
+)
+def test_a_run_that_must_not_go_early_is_not_sent_ahead(scheduler, every_10s, queue_name, fields):
+    now = timezone.now()
+    extra = dict(fields)
+    if start_in := extra.pop("start_time_in", None):
+        extra["start_time"] = now + datetime.timedelta(seconds=start_in)
+    if expires_in := extra.pop("expires_in", None):
+        extra["expires"] = now + datetime.timedelta(seconds=expires_in)
+    if extra.pop("solar", False):  # at sunset: a schedule with no fixed period
+        extra["solar"] = SolarSchedule.objects.create(
+            event="sunset", latitude=52.52, longitude=13.40
+        )
+    else:
+        extra["interval"] = every_10s
+    PeriodicTask.objects.create(
+        name="not ahead", task="jobs.noop", queue=queue_name,
+        last_run_at=now - datetime.timedelta(seconds=6), **extra,
+    )  # fmt: skip
+    load(scheduler, lead=10)
+    entry = scheduler.schedule.get("not ahead")
+    if entry is None:  # a disabled schedule is not even read
+        assert fields == {"enabled": False}
+        return
+
+    state, _ = fire(scheduler, entry)
+
+    assert not state.is_due and not scheduler._due_ahead
+    if "solar" in fields:  # the next sunset is hours away: ask the rule itself
+        assert scheduler._ahead_wait(entry) is None
+
+
+def test_with_no_lead_a_run_is_sent_when_it_is_due_only(scheduler, every_10s, queue_name):
+    PeriodicTask.objects.create(
+        name="on time", task="jobs.noop", interval=every_10s, queue=queue_name,
+        last_run_at=timezone.now() - datetime.timedelta(seconds=8),
+    )  # fmt: skip
+    load(scheduler, lead=0)
+
+    state, _ = fire(scheduler, scheduler.schedule["on time"])
+
+    assert not state.is_due and 1 < state.next <= 2
+
+
+@contextlib.contextmanager
+def freeze(entry, moment: datetime.datetime):
+    """Let the entry's schedule (and the entry) see ``moment`` as now."""
+    schedule, nowfun = entry.schedule, entry.schedule.nowfun
+    schedule.nowfun = lambda: moment
+    entry.default_now = lambda: moment
+    try:
+        yield
+    finally:
+        schedule.nowfun = nowfun
+        del entry.default_now
