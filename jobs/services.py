@@ -16,7 +16,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, OperationalError
 
 from jobs import catalog, guard
 from jobs.models import (
@@ -1265,16 +1265,38 @@ def _bulk_job(job_type: JobType, params: dict, options: dict, user, source: str)
     )  # fmt: skip
 
 
+# Redis commands a message may take in a publish batch: its LPUSH, and a PEXPIRE per
+# priority step when its queue expires.
+_BATCH_ROOM = 12
+
+
 def jobs_publish_many(*, jobs: list[Job]) -> int:
     """Publish stored runs over one producer, then mark them sent in one UPDATE.
 
     Returns how many were sent. Runs left unsent by a broker fault are published
-    later by the relay, as for a single submit.
+    later by the relay, as for a single submit. (A fault while the batch is sent may
+    leave some of it sent: the relay then sends those again, as when a single publish
+    times out after the broker took it.)
     """
     from celery import current_app
 
     with current_app.producer_or_acquire() as producer:
-        sent = [job for job in jobs if job_publish(job=job, producer=producer, mark_sent=False)]
+        faults = (*BROKER_ERRORS, *producer.connection.connection_errors, BatchPublishError)
+        try:
+            # On Redis, kombu buffers the batch's messages and sends them in one
+            # pipeline when the batch ends (other transports publish one by one).
+            # Room for all of them: no flush midway, whose fault would leave the runs
+            # before it counted as sent.
+            with producer.batch(max_size=_BATCH_ROOM * len(jobs) + 1):
+                sent = [
+                    job for job in jobs if job_publish(job=job, producer=producer, mark_sent=False)
+                ]
+        except faults as exc:
+            broker_breaker.tripped()
+            logger.warning("Broker unavailable, %d runs stay unsent: %s", len(jobs), exc)
+            for job in jobs:
+                job.sent_at = None  # job_publish noted them sent when it buffered them
+            return 0
     if sent:
         Job.objects.filter(pk__in=[job.pk for job in sent], sent_at__isnull=True).update(
             sent_at=sent[-1].sent_at

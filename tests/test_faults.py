@@ -8,6 +8,7 @@ application (queues are durable and messages persistent, so they survive it).
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -195,6 +196,37 @@ def test_a_hundred_jobs_submitted_while_the_broker_is_down_all_run_once(
     assert [job.state for job in jobs] == ["SUCCESS"] * 100
     assert all(sent.count(f"Subject: {subject}\n") == 1 for subject in subjects)
     assert services.jobs_relay(min_age=0) == 0  # nothing left to send twice
+
+
+def test_a_bulk_submit_while_the_broker_is_down_is_stored_and_relayed_once(
+    private_worker, private_redis, alice, granted, client
+):
+    _, secret = services.api_token_create(user=alice, name="bulk while down")
+
+    def bulk(limits):
+        runs = [{"job_type": "count_primes", "params": {"limit": n}} for n in limits]
+        return client.post(
+            "/api/runs/bulk/", json.dumps({"runs": runs}), content_type="application/json",
+            headers={"Authorization": f"Bearer {secret}"},
+        )  # fmt: skip
+
+    # A first batch leaves a connected producer in the pool: the next batch's messages
+    # are buffered without touching the network, and its send at the end is what fails.
+    first = bulk([10]).json()["runs"]
+    assert wait_for(first[0]["id"]).state == "SUCCESS"
+    private_redis.stop()
+    services.broker_breaker.reset()
+
+    response = bulk([100 + i for i in range(50)])
+
+    assert response.status_code == 201, response.content
+    assert [run["sent"] for run in response.json()["runs"]] == [False] * 50
+    assert Job.objects.unsent().count() == 50
+    private_redis.start()
+    assert services.jobs_relay(min_age=0) == 50
+    jobs = [wait_for(run["id"], timeout=60) for run in response.json()["runs"]]
+    assert [job.result["limit"] for job in jobs] == [100 + i for i in range(50)]
+    assert services.jobs_relay(min_age=0) == 0
 
 
 def test_a_job_that_kills_its_worker_process_fails_after_bounded_redeliveries(
