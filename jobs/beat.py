@@ -205,6 +205,13 @@ class JobsiteScheduler(DatabaseScheduler):
             # The run sent is the one due at `due`: counting from the send time
             # instead would send an interval early forever, and a crontab twice.
             new_entry.model.last_run_at = new_entry.last_run_at = due
+        # DatabaseScheduler keeps the entry it read in its schedule, with the last run
+        # time of then. When the heap is rebuilt from that schedule without a new read
+        # (it is, once more, on the tick after a reload), the entry looked due again and
+        # was sent twice. Keep the schedule's entry current, as Celery's own reserve does.
+        current = self._schedule.get(entry.name) if self._schedule else None
+        if current is not None and current.model is new_entry.model:
+            self._schedule[entry.name] = new_entry
         return new_entry
 
     def apply_entry(self, entry, producer=None) -> None:

@@ -266,6 +266,26 @@ def test_a_run_that_must_not_go_early_is_not_sent_ahead(scheduler, every_10s, qu
         assert scheduler._ahead_wait(entry) is None
 
 
+@pytest.mark.parametrize("lead", [0, 5])  # the next run, 10 s on, is beyond both
+def test_a_run_sent_is_not_due_again_when_the_heap_is_rebuilt(
+    scheduler, every_10s, queue_name, lead
+):
+    PeriodicTask.objects.create(
+        name="once", task="jobs.noop", interval=every_10s, queue=queue_name,
+        last_run_at=timezone.now() - datetime.timedelta(seconds=11),
+    )  # fmt: skip
+    load(scheduler, lead=lead)
+    assert fire(scheduler, scheduler.schedule["once"])[0].is_due
+    sent_message(queue_name)
+
+    # The tick after a reload rebuilds the heap from the schedule it holds, unread.
+    scheduler.populate_heap()
+
+    assert not scheduler.is_due(scheduler.schedule["once"]).is_due
+    assert not any(event.entry.name == "once" and event.time <= time.time()
+                   for event in scheduler._heap)  # fmt: skip
+
+
 def test_with_no_lead_a_run_is_sent_when_it_is_due_only(scheduler, every_10s, queue_name):
     PeriodicTask.objects.create(
         name="on time", task="jobs.noop", interval=every_10s, queue=queue_name,
