@@ -1,6 +1,6 @@
 """Schedulers for bench.beat: Jobsite's and the stock one, each recording its lag.
 
-For every entry sent, one line ``<name> <lag seconds> <sent early seconds>`` goes to
+For every entry sent, one line ``<name> <lag s> <sent early s> <sent at>`` goes to
 $BENCH_BEAT_LAG_FILE. The lag is the time the run became runnable minus the time it
 was due by its own schedule: runnable when the publish returned, or, for a run sent
 ahead with an ETA (Jobsite's scheduler), at that ETA if the publish returned before
@@ -32,7 +32,7 @@ class _Probe:
         # max(..., 0): an ETA equal to the due time, read off another clock call, can
         # come out microseconds before it.
         lag, early = max(runnable - due, 0.0), max(due - published, 0.0)
-        self._lag_out.write(f"{entry.name} {lag:.4f} {early:.4f}\n")
+        self._lag_out.write(f"{entry.name} {lag:.4f} {early:.4f} {published:.3f}\n")
 
 
 class ProbeJobsiteScheduler(_Probe, JobsiteScheduler):
