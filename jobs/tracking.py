@@ -10,7 +10,6 @@ here the first time the worker sees them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from celery import Task, current_task, states
 from celery.exceptions import Ignore
+from celery.utils.time import maybe_iso8601
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F, Value
@@ -298,9 +298,9 @@ def _fields_for(status: str, result, traceback: str | None, request, now=None) -
     started_at = getattr(request, "jobsite_started_at", None)
     if started_at and status in (states.SUCCESS, states.FAILURE, states.RETRY):
         fields["started_at"] = started_at
-    received = getattr(request, "jobsite_received_at", None)
-    if received and status in (states.SUCCESS, states.FAILURE):
-        fields["received_at"] = datetime.fromtimestamp(received, tz=UTC)
+    received_at = _received_at(request)
+    if received_at and status in (states.SUCCESS, states.FAILURE):
+        fields["received_at"] = received_at
     if status == states.STARTED:
         fields["started_at"] = now
     elif status == states.SUCCESS:
@@ -374,8 +374,7 @@ def _create_from_request(task_id: str, request, fields: dict) -> None:
         params["_args"] = list(args)
     # Submitted and sent elsewhere, when is not known here: the earliest time Jobsite
     # knows of is the worker's receipt (a run sent ahead waits there for its ETA).
-    received = getattr(request, "jobsite_received_at", None)
-    received_at = datetime.fromtimestamp(received, tz=UTC) if received else None
+    received_at = _received_at(request)
     first_seen = received_at or timezone.now()
     job = Job(
         id=task_id,
@@ -390,7 +389,7 @@ def _create_from_request(task_id: str, request, fields: dict) -> None:
         queue=delivery.get("routing_key") or "",
         priority=delivery.get("priority"),
         sent_at=first_seen,
-        eta=_eta(request),
+        eta=maybe_iso8601(getattr(request, "eta", None)),  # beat's runs sent ahead have one
         **{"received_at": received_at, **fields},
     )
     try:
@@ -401,13 +400,10 @@ def _create_from_request(task_id: str, request, fields: dict) -> None:
         Job.objects.filter(pk=task_id).update(**fields)
 
 
-def _eta(request) -> datetime | None:
-    """The message's ETA (beat sends runs ahead with their due time as one)."""
-    eta = getattr(request, "eta", None)
-    if isinstance(eta, str):
-        with contextlib.suppress(ValueError):
-            eta = datetime.fromisoformat(eta)
-    return eta if isinstance(eta, datetime) else None
+def _received_at(request) -> datetime | None:
+    """When the worker's main process received the run (it travels in the request)."""
+    received = getattr(request, "jobsite_received_at", None)
+    return datetime.fromtimestamp(received, tz=UTC) if received else None
 
 
 def _schedule_id(name: str) -> int | None:
