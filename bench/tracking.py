@@ -8,7 +8,10 @@ from "worker ready" to the last job finished.
 
 - Jobsite: N `services.job_submit` of the catalogued `noop` job type (Job row,
   audit entry, publish, RECEIVED/STARTED/SUCCESS recorded, result stored); finished
-  means every Job row is SUCCESS (the end is the newest finished_at).
+  means every Job row is SUCCESS (the end is the newest finished_at). `noop` is
+  `acks_late`: each message is acknowledged only once its run's final state is
+  durable (group-committed by the worker's main process, jobs.commit, unless
+  JOBSITE_GROUP_COMMIT=0).
 - Raw Celery: N `apply_async(ignore_result=True)` of `jobsite.bench_noop`, a plain task
   that only INCRs a Redis counter; finished means the counter reached N.
 
@@ -60,6 +63,10 @@ def _explain_db_reuse() -> None:
         else "unset: the worker reconnects to the database for every task"
     )
     print(f"CELERY_DB_REUSE_MAX = {reuse!r} ({effect})", flush=True)
+    from django.conf import settings
+
+    mode = "on" if settings.JOBSITE_GROUP_COMMIT else "off (each pool process stores its own)"
+    print(f"JOBSITE_GROUP_COMMIT: {mode}", flush=True)
 
 
 def measure(broker: str, n: int) -> dict:
@@ -157,8 +164,11 @@ def _start(worker: common.Process) -> float:
     return time.time() - (time.monotonic() - ready)
 
 
-def _check_queued(n: int) -> None:
-    depth = common.queue_depth()
+def _check_queued(n: int, wait: float = 10.0) -> None:
+    # RabbitMQ counts the last messages published a moment later: wait for them.
+    deadline = time.monotonic() + wait
+    while (depth := common.queue_depth()) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
     if depth != n:
         raise RuntimeError(f"expected {n} queued messages, the broker holds {depth}")
 

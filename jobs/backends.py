@@ -83,6 +83,60 @@ _FINAL_SQL = {
 }
 
 
+# Group commit (jobs.commit): the worker's main process stores the final state of many
+# successful runs in one statement, then acknowledges their messages. Same two writes
+# as _FINAL_SQL, for a VALUES list; the TaskResult rows are written for the Job rows
+# that moved (a run already final, e.g. cancelled meanwhile, keeps both as they are).
+_BATCH_COLUMNS = [
+    "id", "worker", "started_at", "received_at", "finished_at", "job_result",
+    "encoded", "meta", "content_encoding", "content_type", "periodic_task_name",
+    "task_name", "task_args", "task_kwargs", "date_created",
+]  # fmt: skip
+_BATCH_ROW = "({})".format(
+    ", ".join(
+        {
+            "started_at": "%s::timestamptz",
+            "received_at": "%s::timestamptz",
+            "finished_at": "%s::timestamptz",
+            "date_created": "%s::timestamptz",
+            "job_result": "%s::jsonb",
+        }.get(column, "%s::text")
+        for column in _BATCH_COLUMNS
+    )
+)
+_BATCH_TASK_RESULT = {
+    "status": "'SUCCESS'", "traceback": "NULL", "date_done": "v.finished_at",
+    "task_id": "v.id", "result": "v.encoded",
+}  # fmt: skip
+_BATCH_TEMPLATE = (  # noqa: S608 - built from the constants above, values are parameters
+    "WITH v ({columns}) AS (VALUES {{rows}}), "
+    'job AS (UPDATE "jobs_job" AS j SET "state" = \'SUCCESS\', '
+    '"worker" = COALESCE(NULLIF(v.worker, \'\'), j."worker"), '
+    '"started_at" = COALESCE(v.started_at, j."started_at"), '
+    '"received_at" = COALESCE(j."received_at", v.received_at), '
+    '"finished_at" = v.finished_at, "result" = v.job_result '
+    "FROM v WHERE j.\"id\" = v.id AND j.\"state\" NOT IN ('SUCCESS', 'FAILURE', 'REVOKED') "
+    'RETURNING j."id"), '
+    'stored AS (INSERT INTO "django_celery_results_taskresult" ({tr_columns}) '
+    'SELECT {tr_values} FROM v JOIN job ON job."id" = v.id '
+    'ON CONFLICT ("task_id") DO UPDATE SET {updates}) '
+    'SELECT "id" FROM job'
+).format(
+    columns=", ".join(_BATCH_COLUMNS),
+    tr_columns=", ".join(f'"{c}"' for c in _TASK_RESULT_COLUMNS),
+    tr_values=", ".join(_BATCH_TASK_RESULT.get(c, f"v.{c}") for c in _TASK_RESULT_COLUMNS),
+    updates=", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _UPSERT_FIELDS),
+)
+
+
+def batch_final_sql(rows: int) -> str:
+    """The group commit's statement for ``rows`` runs (parameters: success_row()s)."""
+    return _BATCH_TEMPLATE.format(rows=", ".join([_BATCH_ROW] * rows))
+
+
+# Runs of this pool process whose successful final state is left to the main process.
+DEFERRED: set[str] = set()
+
 # How long a chord part waits for its group's counter to be committed (see below).
 CHORD_COUNTER_WAIT = 10.0  # seconds
 
@@ -118,6 +172,12 @@ class JobResultBackend(DatabaseBackend):
         return super().exception_safe_to_retry(exc)
 
     def _store_result(self, task_id, result, status, traceback=None, request=None, using=None):
+        if status == states.SUCCESS and _deferred(request):
+            # The worker's main process stores it with others, then acknowledges
+            # (jobs.commit): this pool process goes on to its next run at once.
+            buffer.started.discard(task_id)
+            DEFERRED.add(task_id)  # jobs.commit's tracer hands the result over
+            return result
         if status == states.STARTED:
             tracking.record_state(task_id, status, result, traceback, request)
             return result
@@ -160,3 +220,35 @@ class JobResultBackend(DatabaseBackend):
         # No row moved: a run Jobsite has not seen yet (its row is created by the ORM
         # path), or one already final (cancelled meanwhile: the path leaves it alone).
         return tracking.job_is_final(task_id)
+
+    def success_row(self, request, result, started_at, received_at, finished_at, now) -> list:
+        """One run's parameters of batch_final_sql(), from the main process's request."""
+        from jobs.models import Job
+
+        content_type, content_encoding, encoded = self.encode_content(result)
+        meta = {**self._get_meta_from_request(request), "children": []}
+        _, _, encoded_meta = self.encode_content(meta)
+        extended = self._get_extended_properties(request, None)
+        job_result = Job._meta.get_field("result").get_db_prep_save(result, connection)
+        return [
+            request.id, request.hostname or "", started_at, received_at, finished_at,
+            job_result, encoded, encoded_meta, content_encoding, content_type,
+            extended["periodic_task_name"], extended["task_name"], extended["task_args"],
+            extended["task_kwargs"], now,
+        ]  # fmt: skip
+
+
+def _deferred(request) -> bool:
+    """Whether the main process stores this successful run's final state (jobs.commit).
+
+    It asked to (``jobsite_defer`` travels with the request), unless the run produced
+    something only this process knows: a result file, child tasks, custom meta. Then
+    it is stored here, now; the main process's write finds the row final and skips it.
+    """
+    if not getattr(request, "jobsite_defer", False):
+        return False
+    return not (
+        getattr(request, "jobsite_result_file", None)
+        or getattr(request, "children", None)
+        or getattr(request, "meta", None)
+    )

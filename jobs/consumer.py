@@ -14,7 +14,7 @@ from celery.worker.consumer import Consumer
 from django.conf import settings
 from django.db import close_old_connections
 
-from jobs import buffer
+from jobs import buffer, commit
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def record_rejected(message, reason: str) -> None:
 class JobsiteConsumer(Consumer):
     def create_task_handler(self, *args, **kwargs):
         handle = super().create_task_handler(*args, **kwargs)
+        commit.install(self)
         limit = settings.JOBSITE_MAX_MESSAGE_BYTES
 
         def on_task_received(message):
@@ -94,6 +95,16 @@ class JobsiteConsumer(Consumer):
             logger.warning("Could not acknowledge %s after a reconnect: %s", tag, exc)
         else:
             logger.info("Acknowledged %s on the new broker connection", tag)
+
+    def stop(self):
+        # Celery closes the channel next: acknowledge the runs whose final states are
+        # stored by then (the rest go back to the queue, as Celery's own acks would).
+        commit.drain()
+        return super().stop()
+
+    def shutdown(self):
+        commit.shutdown()  # the runs that finished since: stored before the process exits
+        return super().shutdown()
 
     def on_decode_error(self, message, exc):
         record_rejected(message, f"undecodable: {exc!r}")

@@ -55,7 +55,10 @@ def on_task_postrun(sender=None, task_id=None, **kwargs) -> None:
 
 
 def on_worker_process_init(**kwargs) -> None:
+    from jobs import commit
+
     tracking.install_log_capture()
+    commit.wrap_tracers()
 
 
 def on_worker_ready(sender=None, **kwargs) -> None:

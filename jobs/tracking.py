@@ -50,6 +50,7 @@ class JobTask(Task):
     """
 
     jobsite_guard = False  # set by catalog.job(guard=True)
+    Request = "jobs.commit:JobRequest"  # successful runs' final states group-committed
 
     def __call__(self, *args, **kwargs):
         request = self.request

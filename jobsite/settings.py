@@ -214,14 +214,18 @@ CELERY_TASK_DEFAULT_EXCHANGE = "default"
 CELERY_TASK_DEFAULT_ROUTING_KEY = "default"
 CELERY_TASK_DEFAULT_PRIORITY = 5
 CELERY_TASK_QUEUE_MAX_PRIORITY = 10
-# Catalogued tasks are acks_late, so the runs a worker is executing count against its
-# prefetch window: with 1, a pool process that finishes sits idle while the worker asks
-# the broker for its next message (short jobs drain slower, see README, Performance).
+# acks_late runs (job types with the duplicate guard, or declared so) count against a
+# worker's prefetch window while they execute: with 1, a pool process that finishes
+# sits idle while the worker asks the broker for its next message (short jobs drain
+# slower, see README, Performance).
 # 2 keeps one message waiting per pool process; a worker busy with long
 # jobs holds at most `concurrency` messages back from other workers (Celery's own
 # default, 4, would hold three times that). Set 1 for workers that run only long jobs.
 CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("CELERY_WORKER_PREFETCH_MULTIPLIER", 2, minimum=0)
 CELERY_WORKER_SEND_TASK_EVENTS = False
+# The worker's main process stores the final states of successful runs in batches, and
+# acknowledges acks_late runs once theirs is stored (jobs.commit; PostgreSQL, prefork).
+JOBSITE_GROUP_COMMIT = env_bool("JOBSITE_GROUP_COMMIT", True)
 CELERY_TIMEZONE = TIME_ZONE
 # django-celery-beat's DatabaseScheduler behind a Redis lock: exactly one beat fires.
 CELERY_BEAT_SCHEDULER = "jobs.beat:JobsiteScheduler"
