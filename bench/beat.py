@@ -19,6 +19,7 @@ Beat's CPU is its process's user + system time over the wall time (psutil).
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 import tempfile
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--only", choices=["jobsite", "stock"], help="run one scheduler (default: both)"
     )
+    parser.add_argument(
+        "--start-before-minute", type=float, metavar="S",
+        help="start beat S seconds before a minute begins, when the crontabs fall due "
+        "(the start-up case; default: as soon as the schedules are made)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     url = common.BROKERS[args.broker]
     common.django_setup(url)
@@ -53,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
             if args.only and not label.lower().startswith(args.only):
                 continue
             common.purge()
-            results[label] = run_beat(url, scheduler, args.seconds)
+            results[label] = run_beat(url, scheduler, args.seconds, args.start_before_minute)
     finally:
         common.purge()
         remove_schedules()
@@ -86,14 +92,26 @@ def make_schedules(count: int) -> None:
         IntervalSchedule.objects.get_or_create(every=seconds, period=IntervalSchedule.SECONDS)[0]
         for seconds in range(10, 61)
     ]
+    made = datetime.datetime.now(datetime.UTC)
     tasks = []
     for i in range(count):
         schedule = (
             {"interval": intervals[i % len(intervals)]} if i % 2 else {"crontab": every_minute}
         )
+        # As if each had run when made: no run to catch up on when beat starts, however
+        # long after (--start-before-minute), so only beat's own lateness is measured.
         tasks.append(PeriodicTask(name=f"{PREFIX}{i:05d}", task="jobs.noop", kwargs="{}",
-                                  queue=common.QUEUE, **schedule))  # fmt: skip
+                                  queue=common.QUEUE, last_run_at=made, **schedule))  # fmt: skip
     PeriodicTask.objects.bulk_create(tasks, batch_size=2000)
+    PeriodicTasks.update_changed()
+
+
+def _as_if_run_now() -> None:
+    from django_celery_beat.models import PeriodicTask, PeriodicTasks
+
+    PeriodicTask.objects.filter(name__startswith=PREFIX).update(
+        last_run_at=datetime.datetime.now(datetime.UTC)
+    )
     PeriodicTasks.update_changed()
 
 
@@ -104,7 +122,7 @@ def remove_schedules() -> None:
     PeriodicTasks.update_changed()
 
 
-def run_beat(url: str, scheduler: str, seconds: float) -> dict:
+def run_beat(url: str, scheduler: str, seconds: float, before_minute: float | None = None) -> dict:
     import psutil
 
     lag_file = Path(tempfile.mkdtemp(prefix="jobsite-bench-beat-")) / "lag.txt"
@@ -114,6 +132,14 @@ def run_beat(url: str, scheduler: str, seconds: float) -> dict:
             "--loglevel=INFO", "--pidfile=",
             f"--schedule={lag_file.parent / 'schedule'}"]  # fmt: skip
     beat = common.Process(argv, env, "beat")
+    if before_minute is not None:
+        now = time.time()
+        start = (now // 60 + 1) * 60 - before_minute
+        while start < now + 3:
+            start += 60
+        time.sleep(start - 2 - now)
+        _as_if_run_now()  # made more than a minute ago, they would have runs to catch up
+        time.sleep(max(0.0, start - time.time()))
     started = time.monotonic()
     beat.start("beat: Starting...")
     # Start-up: until the first schedule was sent (10,000 entries are read first).

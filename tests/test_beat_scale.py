@@ -85,6 +85,19 @@ def test_a_schedule_added_to_the_table_reaches_the_running_scheduler(scheduler, 
     assert scheduler.schedules_equal(None, scheduler.schedule) is True
 
 
+def test_start_up_does_not_take_its_own_default_entries_for_a_change(scheduler, every_10s):
+    # The initial read, then Celery's and CELERY_BEAT_SCHEDULE's entries are saved,
+    # which marks the table changed: that must not cost a second read of every schedule.
+    scheduler.setup_schedule()
+    assert {"first", "second", "jobsite-relay"} <= set(scheduler.schedule)
+    scheduler.check_every = 0  # the first tick, more than a second later
+
+    assert scheduler.schedule_changed() is False
+    schedule("third", every_10s)  # a change made after start-up still is one
+    PeriodicTasks.update_changed()
+    assert scheduler.schedule_changed() is True
+
+
 def test_the_change_check_is_throttled_to_once_per_interval(scheduler, every_10s):
     scheduler.schedule  # noqa: B018  (the initial read)
     scheduler.check_every = 3600
