@@ -217,9 +217,15 @@ def test_a_run_sent_ahead_is_cancelled_when_its_schedule_changes_before_it_is_du
 
 def test_the_crontab_run_after_one_sent_ahead_is_the_next_minute(scheduler, queue_name):
     every_minute = CrontabSchedule.objects.create(minute="*", hour="*", timezone="UTC")
+    now = timezone.now()
+    if now.second >= 55:  # keep the coming minute well ahead of the assertions below
+        time.sleep(60.5 - now.second - now.microsecond / 1e6)
+        now = timezone.now()
+    # Ran at the start of this minute (not "5 s ago": in a minute's first 5 s that was
+    # the previous minute, whose next run is due already, so it is not sent ahead).
     PeriodicTask.objects.create(
         name="cron", task="jobs.noop", crontab=every_minute, queue=queue_name,
-        last_run_at=timezone.now() - datetime.timedelta(seconds=5),
+        last_run_at=now.replace(second=0, microsecond=0),
     )  # fmt: skip
     load(scheduler, lead=120)  # a run due every minute is always within it
 
