@@ -197,18 +197,12 @@ class JobResultBackend(DatabaseBackend):
 
     def _store_final(self, task_id, result, status, traceback, request) -> bool:
         """The run's Job and TaskResult in one statement; False if no Job row moved."""
-        content_type, content_encoding, encoded = self.encode_content(result)
-        meta = {
-            **self._get_meta_from_request(request),
-            "children": self.current_task_children(request),
-        }
-        _, _, encoded_meta = self.encode_content(meta)
-        extended = self._get_extended_properties(request, traceback)
+        tr = self._task_result_parts(result, request, traceback)
         now = timezone.now()
         task_result = [
-            status, encoded, traceback, encoded_meta, content_encoding, content_type,
-            extended["periodic_task_name"], extended["task_name"], extended["task_args"],
-            extended["task_kwargs"], extended["worker"], now, task_id, now,
+            status, tr["encoded"], traceback, tr["meta"], tr["content_encoding"],
+            tr["content_type"], tr["periodic_task_name"], tr["task_name"], tr["task_args"],
+            tr["task_kwargs"], tr["worker"], now, task_id, now,
         ]  # fmt: skip
         job = tracking.final_job_values(status, result, traceback, request, now)
         buffer.started.discard(task_id)  # moot: the final write carries started_at
@@ -221,20 +215,30 @@ class JobResultBackend(DatabaseBackend):
         # path), or one already final (cancelled meanwhile: the path leaves it alone).
         return tracking.job_is_final(task_id)
 
+    def _task_result_parts(self, result, request, traceback) -> dict:
+        """What django-celery-results stores of a run, encoded as its backend does."""
+        content_type, content_encoding, encoded = self.encode_content(result)
+        meta = {
+            **self._get_meta_from_request(request),
+            "children": self.current_task_children(request),
+        }
+        _, _, encoded_meta = self.encode_content(meta)
+        return {
+            **self._get_extended_properties(request, traceback),
+            "encoded": encoded, "meta": encoded_meta,
+            "content_type": content_type, "content_encoding": content_encoding,
+        }  # fmt: skip
+
     def success_row(self, request, result, started_at, received_at, finished_at, now) -> list:
         """One run's parameters of batch_final_sql(), from the main process's request."""
         from jobs.models import Job
 
-        content_type, content_encoding, encoded = self.encode_content(result)
-        meta = {**self._get_meta_from_request(request), "children": []}
-        _, _, encoded_meta = self.encode_content(meta)
-        extended = self._get_extended_properties(request, None)
+        tr = self._task_result_parts(result, request, None)
         job_result = Job._meta.get_field("result").get_db_prep_save(result, connection)
         return [
             request.id, request.hostname or "", started_at, received_at, finished_at,
-            job_result, encoded, encoded_meta, content_encoding, content_type,
-            extended["periodic_task_name"], extended["task_name"], extended["task_args"],
-            extended["task_kwargs"], now,
+            job_result, tr["encoded"], tr["meta"], tr["content_encoding"], tr["content_type"],
+            tr["periodic_task_name"], tr["task_name"], tr["task_args"], tr["task_kwargs"], now,
         ]  # fmt: skip
 
 

@@ -358,12 +358,13 @@ def install(consumer) -> GroupCommit | None:
 
 
 def enabled(consumer) -> bool:
+    from celery.concurrency.prefork import TaskPool
+
     return (
         settings.JOBSITE_GROUP_COMMIT
         and connection.vendor == "postgresql"
         and consumer.hub is not None
-        and type(consumer.pool).__name__ == "TaskPool"
-        and type(consumer.pool).__module__.endswith("prefork")
+        and isinstance(consumer.pool, TaskPool)
     )
 
 
