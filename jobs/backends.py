@@ -8,6 +8,7 @@ MySQL) the same two writes share one transaction. STARTED writes no TaskResult r
 buffered on the Job (jobs.buffer). RETRY and runs without a Job row go the ORM way.
 """
 
+import json
 import time
 
 from celery import states
@@ -85,31 +86,31 @@ _FINAL_SQL = {
 
 # Group commit (jobs.commit): the worker's main process stores the final state of many
 # successful runs in one statement, then acknowledges their messages. Same two writes
-# as _FINAL_SQL, for a VALUES list; the TaskResult rows are written for the Job rows
+# as _FINAL_SQL, for a set of rows; the TaskResult rows are written for the Job rows
 # that moved (a run already final, e.g. cancelled meanwhile, keeps both as they are).
-_BATCH_COLUMNS = [
-    "id", "worker", "started_at", "received_at", "finished_at", "job_result",
-    "encoded", "meta", "content_encoding", "content_type", "periodic_task_name",
-    "task_name", "task_args", "task_kwargs", "date_created",
-]  # fmt: skip
-_BATCH_ROW = "({})".format(
-    ", ".join(
-        {
-            "started_at": "%s::timestamptz",
-            "received_at": "%s::timestamptz",
-            "finished_at": "%s::timestamptz",
-            "date_created": "%s::timestamptz",
-            "job_result": "%s::jsonb",
-        }.get(column, "%s::text")
-        for column in _BATCH_COLUMNS
-    )
-)
+# The rows travel as ONE parameter, a JSON array of objects (success_row()s, keys as
+# below; times in seconds since the epoch): the statement's text is the same for any
+# number of runs, so neither psycopg (which splits a query's placeholders in Python)
+# nor PostgreSQL's parser pays per run, and building the batch is one json.dumps.
+_BATCH_FIELDS = {
+    "id": "text", "worker": "text", "started_at": "float8", "received_at": "float8",
+    "finished_at": "float8", "job_result": "text", "encoded": "text", "meta": "text",
+    "content_encoding": "text", "content_type": "text", "periodic_task_name": "text",
+    "task_name": "text", "task_args": "text", "task_kwargs": "text",
+}  # fmt: skip
+_BATCH_VALUES = {
+    "started_at": "to_timestamp(r.started_at)",
+    "received_at": "to_timestamp(r.received_at)",
+    "finished_at": "to_timestamp(r.finished_at)",
+    "job_result": "r.job_result::jsonb",
+}
 _BATCH_TASK_RESULT = {
     "status": "'SUCCESS'", "traceback": "NULL", "date_done": "v.finished_at",
     "task_id": "v.id", "result": "v.encoded",
 }  # fmt: skip
-_BATCH_TEMPLATE = (  # noqa: S608 - built from the constants above, values are parameters
-    "WITH v ({columns}) AS (VALUES {{rows}}), "
+BATCH_FINAL_SQL = (  # noqa: S608 - built from the constants above, values are parameters
+    "WITH v AS (SELECT {selected}, %s::timestamptz AS date_created "
+    "FROM json_to_recordset(%s::json) AS r({fields})), "
     'job AS (UPDATE "jobs_job" AS j SET "state" = \'SUCCESS\', '
     '"worker" = COALESCE(NULLIF(v.worker, \'\'), j."worker"), '
     '"started_at" = COALESCE(v.started_at, j."started_at"), '
@@ -122,16 +123,12 @@ _BATCH_TEMPLATE = (  # noqa: S608 - built from the constants above, values are p
     'ON CONFLICT ("task_id") DO UPDATE SET {updates}) '
     'SELECT "id" FROM job'
 ).format(
-    columns=", ".join(_BATCH_COLUMNS),
+    selected=", ".join(f"{_BATCH_VALUES.get(f, f'r.{f}')} AS {f}" for f in _BATCH_FIELDS),
+    fields=", ".join(f"{name} {kind}" for name, kind in _BATCH_FIELDS.items()),
     tr_columns=", ".join(f'"{c}"' for c in _TASK_RESULT_COLUMNS),
     tr_values=", ".join(_BATCH_TASK_RESULT.get(c, f"v.{c}") for c in _TASK_RESULT_COLUMNS),
     updates=", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _UPSERT_FIELDS),
 )
-
-
-def batch_final_sql(rows: int) -> str:
-    """The group commit's statement for ``rows`` runs (parameters: success_row()s)."""
-    return _BATCH_TEMPLATE.format(rows=", ".join([_BATCH_ROW] * rows))
 
 
 # Runs of this pool process whose successful final state is left to the main process.
@@ -229,17 +226,25 @@ class JobResultBackend(DatabaseBackend):
             "content_type": content_type, "content_encoding": content_encoding,
         }  # fmt: skip
 
-    def success_row(self, request, result, started_at, received_at, finished_at, now) -> list:
-        """One run's parameters of batch_final_sql(), from the main process's request."""
+    def success_row(self, request, result, started_at, received_at, finished_at) -> dict:
+        """One run's row of BATCH_FINAL_SQL, from the main process's request.
+
+        Times are seconds since the epoch (``received_at`` may be None).
+        """
         from jobs.models import Job
 
         tr = self._task_result_parts(result, request, None)
-        job_result = Job._meta.get_field("result").get_db_prep_save(result, connection)
-        return [
-            request.id, request.hostname or "", started_at, received_at, finished_at,
-            job_result, tr["encoded"], tr["meta"], tr["content_encoding"], tr["content_type"],
-            tr["periodic_task_name"], tr["task_name"], tr["task_args"], tr["task_kwargs"], now,
-        ]  # fmt: skip
+        encoder = Job._meta.get_field("result").encoder
+        return {
+            "id": request.id, "worker": request.hostname or "", "started_at": started_at,
+            "received_at": received_at, "finished_at": finished_at,
+            # SQL NULL for None, as the ORM stores it.
+            "job_result": None if result is None else json.dumps(result, cls=encoder),
+            **{key: tr[key] for key in (
+                "encoded", "meta", "content_encoding", "content_type", "periodic_task_name",
+                "task_name", "task_args", "task_kwargs",
+            )},
+        }  # fmt: skip
 
 
 def _deferred(request) -> bool:

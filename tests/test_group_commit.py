@@ -144,6 +144,80 @@ def test_a_result_the_database_refuses_fails_its_run_alone(transactional_db, ali
     assert "Result could not be stored" in bad.error_message
 
 
+def test_runs_finishing_close_together_are_stored_in_one_statement(
+    transactional_db, alice, settings, monkeypatch
+):
+    settings.JOBSITE_GROUP_COMMIT_WAIT_MS = 300  # wide: no scheduler delay splits the batch
+    batches: list[int] = []
+    monkeypatch.setattr(commit, "store", lambda batch: batches.append(len(batch)))
+    committer = commit.GroupCommit(SimpleNamespace(hub=_Hub(), qos=None))
+    now = time.time()
+    try:
+        for job in [started_job(alice) for _ in range(3)]:
+            committer.add((queued(job.pk), {}, now, now, False))
+            time.sleep(0.03)  # finishing a little apart, as runs do
+        deadline = time.monotonic() + 5
+        while not batches:
+            assert time.monotonic() < deadline, "the batch was never stored"
+            time.sleep(0.01)
+    finally:
+        committer.close()
+
+    assert batches == [3]  # without the wait, the first run goes alone
+
+
+def test_a_stored_batch_is_acknowledged_inline_by_the_consumer(monkeypatch):
+    from jobs.consumer import JobsiteConsumer
+
+    consumer = JobsiteConsumer.__new__(JobsiteConsumer)  # call_soon_ack needs only .hub
+    scheduled: list = []
+    consumer.hub = SimpleNamespace(call_soon=scheduled.append)
+    acked: list[str] = []
+
+    monkeypatch.setattr(commit, "_committer", SimpleNamespace(acking=True))
+    consumer.call_soon_ack(acked.append, "in the batch")
+    monkeypatch.setattr(commit, "_committer", SimpleNamespace(acking=False))
+    consumer.call_soon_ack(acked.append, "any other")
+
+    assert acked == ["in the batch"]  # at once, inside redis_acks_pipelined
+    assert len(scheduled) == 1  # Celery's way: on the event loop's next turn
+
+
+def test_a_batch_of_redis_acknowledgements_is_one_pipeline():
+    import kombu
+
+    url = BROKERS["redis"]
+    if not _reachable(url):
+        service_unavailable(f"redis is not reachable at {url}")
+    client = redis.Redis.from_url(url)
+    queue = kombu.Queue(f"test-acks-{uuid.uuid4().hex[:8]}")
+    with kombu.Connection(url) as conn:
+        channel = conn.channel()
+        bound = queue(channel)
+        bound.declare()
+        try:
+            producer = kombu.Producer(channel, routing_key=queue.name)
+            for i in range(4):
+                producer.publish({"i": i}, serializer="json")
+            messages = [bound.get(no_ack=False) for _ in range(4)]
+            tags = [message.delivery_tag for message in messages]
+            assert all(client.hexists("unacked", tag) for tag in tags)
+
+            with commit.redis_acks_pipelined(channel):
+                for message in messages[:3]:
+                    message.ack()
+                # Queued, not sent: still unacknowledged in Redis.
+                assert all(client.hexists("unacked", tag) for tag in tags[:3])
+            assert not any(client.hexists("unacked", tag) for tag in tags[:3])
+            assert not any(client.zscore("unacked_index", tag) for tag in tags[:3])
+            assert all(message.acknowledged for message in messages[:3])
+
+            messages[3].ack()  # outside: kombu's own ack again, at once
+            assert not client.hexists("unacked", tags[3])
+        finally:
+            bound.delete()
+
+
 # --- A real worker: the ack waits for the durable write ----------------------------
 
 
@@ -295,7 +369,7 @@ def test_a_lost_database_connection_is_retried_and_nothing_is_acknowledged_meanw
             assert time.monotonic() < deadline, "the committer's statement never showed"
             killed = blocker.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND query LIKE 'WITH v (id,%%'"
+                "WHERE wait_event_type = 'Lock' AND query LIKE 'WITH v AS (SELECT r.id%%'"
             ).fetchone()[0]
             time.sleep(0.1)
         time.sleep(0.5)
