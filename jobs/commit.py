@@ -163,7 +163,7 @@ class GroupCommit:
         self.on_consume(consumer)
         self._pending: list[tuple] = []
         self._first_at = 0.0  # when the oldest pending run arrived (time.monotonic)
-        self.wait = settings.JOBSITE_GROUP_COMMIT_WAIT_MS / 1000
+        self._gather = settings.JOBSITE_GROUP_COMMIT_WAIT_MS / 1000  # seconds
         self._stored: collections.deque = collections.deque()  # requests to acknowledge
         self._wake = threading.Condition()
         self._closing = False
@@ -181,7 +181,7 @@ class GroupCommit:
         with self._wake:
             self._pending.append(item)
             # Wake the committer for the first run of a batch (it then gathers for
-            # self.wait seconds) and for a full one; waking it for each run in between
+            # self._gather seconds) and for a full one; waking it for each run in between
             # would only make it contend with this thread for the GIL.
             if len(self._pending) == 1:
                 self._first_at = time.monotonic()
@@ -190,11 +190,9 @@ class GroupCommit:
                 self._wake.notify_all()
 
     def acknowledge_stored(self) -> None:
-        requests = []
-        while self._stored:
-            requests.append(self._stored.popleft())
         by_channel: dict[int, list] = {}
-        for request in requests:
+        while self._stored:
+            request = self._stored.popleft()
             by_channel.setdefault(id(request.message.channel), []).append(request)
         self.acking = True  # the consumer acks inline (call_soon_ack), into the pipeline
         try:
@@ -281,7 +279,7 @@ class GroupCommit:
                 # Gather: a statement costs about as much for one run as for twenty (a
                 # round trip, a plan, a commit), so the batch's first run waits for
                 # company (JOBSITE_GROUP_COMMIT_WAIT_MS) counted from its arrival.
-                deadline = self._first_at + self.wait
+                deadline = self._first_at + self._gather
                 while len(self._pending) < MAX_BATCH and not self._closing:
                     left = deadline - time.monotonic()
                     if left <= 0:
