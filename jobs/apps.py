@@ -18,7 +18,7 @@ class JobsConfig(AppConfig):
         signals.task_prerun.connect(handlers.on_task_prerun, weak=False)
         signals.task_postrun.connect(handlers.on_task_postrun, weak=False)
         signals.worker_process_init.connect(handlers.on_worker_process_init, weak=False)
-        signals.worker_init.connect(handlers.on_worker_process_init, weak=False)
+        signals.worker_init.connect(handlers.on_worker_init, weak=False)
         signals.worker_ready.connect(handlers.on_worker_ready, weak=False)
         signals.worker_process_shutdown.connect(handlers.on_worker_shutdown, weak=False)
         signals.worker_shutdown.connect(handlers.on_worker_shutdown, weak=False)

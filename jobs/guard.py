@@ -10,6 +10,13 @@ One key per run, ``jobsite:run:<task id>``, holds one of:
   name knows the marker belongs to its previous, dead incarnation);
 - ``done``: it finished; a late second delivery is a duplicate and is skipped.
 
+Every run checks before it starts whether it was cancelled. So that the check costs
+no round trip to Redis per run, a cancel also adds the run to an index (a sorted set,
+``jobsite:revoked``) and publishes it (channel ``jobsite:revoked:db<n>``): each worker
+process loads the index once subscribed, then keeps its copy current from the channel
+(RevokedRuns). A process that cannot rely on its copy (Redis away, its subscription
+dropped) asks for the run's marker instead, as before.
+
 Job types that opt in (``guard=True``) take the marker with ``SET NX`` before running
 (the classic answer to RabbitMQ's repeated consumption); only the owner, by its token,
 may release or finish it (compare-and-set scripts). A marker left by a process that
@@ -18,13 +25,21 @@ died is taken over, so acks_late redelivery after a crash still runs the job onc
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 
 import redis
 from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+logger = logging.getLogger(__name__)
 
 REVOKED_TTL_MS = 7 * 24 * 3600 * 1000
 DONE_TTL_MS = 24 * 3600 * 1000
@@ -36,6 +51,12 @@ INSTANCE = secrets.token_hex(4)
 
 REVOKED = b"revoked"
 DONE = b"done"
+
+REVOKED_INDEX = "jobsite:revoked"  # sorted set: revoked run id -> its marker's expiry (ms)
+REVOKED_CHANNEL = "jobsite:revoked:db{db}"  # Pub/Sub, each run id as it is revoked
+LEGACY_INDEXED = "jobsite:revoked:indexed"  # markers from before the index: indexed
+CONFIRM_EVERY = 1.0  # seconds: a subscription is proven alive (PING) at least this often
+CONFIRM_TIMEOUT = 5.0
 
 # Replace the marker only if it still holds the value the caller saw/owns.
 _COMPARE_AND_SET = """
@@ -69,12 +90,191 @@ def _key(task_id: str) -> str:
     return f"jobsite:run:{task_id}"
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 def mark_revoked(task_id: str) -> None:
-    client().set(_key(task_id), REVOKED, px=REVOKED_TTL_MS)
+    now = _now_ms()
+    # One transaction: a process subscribed before it sees the message; one that
+    # subscribes after finds the run in the index.
+    with client().pipeline(transaction=True) as pipe:
+        pipe.set(_key(task_id), REVOKED, px=REVOKED_TTL_MS)
+        pipe.zadd(REVOKED_INDEX, {task_id: now + REVOKED_TTL_MS})
+        pipe.zremrangebyscore(REVOKED_INDEX, "-inf", now)  # the expired ones
+        pipe.publish(_channel(), task_id)
+        pipe.execute()
 
 
 def is_revoked(task_id: str) -> bool:
+    """Whether the run was cancelled (before each run: no round trip, see RevokedRuns)."""
+    return _revoked_runs().contains(task_id)
+
+
+def is_revoked_marker(task_id: str) -> bool:
+    """The same answer from the run's own marker: one round trip."""
     return client().get(_key(task_id)) == REVOKED
+
+
+class RevokedRuns:
+    """One process's copy of the revoked runs, kept current by Pub/Sub.
+
+    Subscribed to REVOKED_CHANNEL first, then loaded from REVOKED_INDEX: mark_revoked
+    writes both in one transaction, so no cancel falls between the two. Reading what
+    was published since is a poll of the subscription's socket, not a round trip. A
+    PING at least every CONFIRM_EVERY seconds proves the subscription alive (its
+    answer comes after everything published before it), so a connection that died
+    without a word is noticed within that time. Any failure, and a reconnect, drops
+    the copy: that check asks for the run's marker (is_revoked_marker), and the next
+    one subscribes and loads afresh.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the threads pool checks from several threads
+        self._pubsub: redis.client.PubSub | None = None
+        self._pid = 0
+        self._until: dict[str, int] = {}  # run id -> its marker's expiry (ms)
+        self._confirmed = 0.0  # time.monotonic() of the last proof of life
+        self._stale = False
+
+    def contains(self, task_id: str) -> bool:
+        with self._lock:
+            try:
+                self._update()
+            except (redis.RedisError, OSError) as exc:
+                logger.warning("Cancelled runs: subscription lost (%s); asking Redis per run", exc)
+                self._drop()
+                return is_revoked_marker(task_id)
+            until = self._until.get(task_id)
+        return until is not None and until > _now_ms()
+
+    def _update(self) -> None:
+        if self._pubsub is None or self._stale or self._pid != os.getpid():
+            self._drop()
+            self._subscribe()
+        pubsub = self._pubsub
+        if time.monotonic() - self._confirmed > CONFIRM_EVERY:
+            pubsub.ping()
+            self._read(pubsub, until="pong")
+        else:
+            self._read(pubsub)
+
+    def _read(self, pubsub, until: str | None = None) -> None:
+        """Take in what was published; with ``until``, wait for that reply ("pong", ...)."""
+        deadline = time.monotonic() + CONFIRM_TIMEOUT
+        while True:
+            timeout = max(0.0, deadline - time.monotonic()) if until else 0.0
+            message = pubsub.get_message(timeout=timeout)
+            if self._stale:
+                raise redis.ConnectionError("reconnected: what was published meanwhile is lost")
+            if message is None:
+                if not until:
+                    return
+                if time.monotonic() >= deadline:
+                    raise redis.TimeoutError("no answer on the cancelled-runs subscription")
+                continue
+            kind = message["type"]
+            if kind == "message":
+                run_id = message["data"].decode()
+                self._until[run_id] = _now_ms() + REVOKED_TTL_MS
+            elif kind == until:
+                self._confirmed = time.monotonic()
+                return
+
+    def _subscribe(self) -> None:
+        pubsub = _subscriber().pubsub()
+        try:
+            pubsub.subscribe(_channel())
+            self._read(pubsub, until="subscribe")
+            # Only on a reconnect: the first connection is made already.
+            pubsub.connection.register_connect_callback(self._on_reconnect)
+            now = _now_ms()
+            loaded = client().zrangebyscore(REVOKED_INDEX, now, "+inf", withscores=True)
+        except BaseException:
+            self._close(pubsub)
+            raise
+        self._until = {run_id.decode(): int(until) for run_id, until in loaded}
+        self._pubsub, self._pid = pubsub, os.getpid()
+
+    def _on_reconnect(self, connection) -> None:
+        self._stale = True
+
+    def _drop(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        self._stale = False
+        self._until = {}
+        if pubsub is not None and self._pid == os.getpid():  # not the parent's, after a fork
+            self._close(pubsub)
+
+    def _close(self, pubsub) -> None:
+        # Its connection goes back to the pool: our callback must not go with it.
+        with contextlib.suppress(redis.RedisError, OSError, ValueError):
+            if pubsub.connection is not None:
+                pubsub.connection.deregister_connect_callback(self._on_reconnect)
+            pubsub.close()
+
+
+@functools.cache
+def _revoked_runs() -> RevokedRuns:
+    return RevokedRuns()
+
+
+@functools.cache
+def _channel() -> str:
+    # Channels are server-wide, keys are per database: one channel per database.
+    return REVOKED_CHANNEL.format(db=client().connection_pool.connection_kwargs.get("db", 0))
+
+
+@functools.cache
+def _subscriber() -> redis.Redis:
+    # No silent reconnect: one would lose what was published meanwhile (RevokedRuns).
+    return redis.Redis.from_url(
+        settings.JOBSITE_REDIS_URL,
+        socket_connect_timeout=2,
+        socket_timeout=CONFIRM_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def index_legacy_markers() -> int:
+    """Index the cancel markers set before the index existed (once per Redis).
+
+    Run by each worker as it starts, before its pool: a run cancelled before an upgrade
+    must stay cancelled. Returns how many it indexed.
+    """
+    r = client()
+    if r.exists(LEGACY_INDEXED):
+        return 0
+    indexed = 0
+    keys: list[bytes] = []
+
+    def flush() -> None:
+        nonlocal indexed
+        with r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(key)
+                pipe.pttl(key)
+            replies = pipe.execute()
+        now = _now_ms()
+        found = {}
+        for key, value, ttl in zip(keys, replies[::2], replies[1::2], strict=True):
+            if value == REVOKED:
+                found[key.decode().removeprefix("jobsite:run:")] = now + (
+                    ttl if ttl > 0 else REVOKED_TTL_MS
+                )
+        if found:
+            r.zadd(REVOKED_INDEX, found)
+            indexed += len(found)
+        keys.clear()
+
+    for key in r.scan_iter(match="jobsite:run:*", count=1000):
+        keys.append(key)
+        if len(keys) >= 1000:
+            flush()
+    if keys:
+        flush()
+    r.set(LEGACY_INDEXED, "1")
+    return indexed
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """Signal handlers, connected in JobsConfig.ready(); each hands over to a module."""
 
+import logging
 import select
 import time
 
 from django.db import close_old_connections, connection
 
 from jobs import catalog, tracking
+
+logger = logging.getLogger(__name__)
 
 # A PostgreSQL connection the previous run used this recently is not pinged (SELECT 1)
 # before the next one — back to back, that is one database round trip per run more.
@@ -59,6 +62,20 @@ def on_worker_process_init(**kwargs) -> None:
 
     tracking.install_log_capture()
     commit.wrap_tracers()
+
+
+def on_worker_init(**kwargs) -> None:
+    """The worker's main process, before its pool starts."""
+    from jobs import guard
+
+    try:
+        indexed = guard.index_legacy_markers()
+    except Exception:  # Redis away: the next worker start tries again
+        logger.exception("Could not index the cancel markers set before the index")
+    else:
+        if indexed:
+            logger.info("Indexed %d cancelled runs from before the index", indexed)
+    on_worker_process_init()  # the solo and threads pools run tasks in this process
 
 
 def on_worker_ready(sender=None, **kwargs) -> None:

@@ -1,5 +1,6 @@
 """The duplicate-delivery guard: a Redis marker per run (SET NX + owner-only release)."""
 
+import os
 import time
 import uuid
 
@@ -88,3 +89,100 @@ def test_a_revoked_marker_wins_over_a_claim():
     guard.mark_revoked(task_id)
 
     assert guard.claim(task_id, "w1@host").outcome == "revoked"
+
+
+# --- Cancelled runs: each process's copy, kept current by Pub/Sub ----------------
+
+
+@pytest.fixture
+def no_marker_reads(monkeypatch):
+    """Fail the test if a check asks Redis for the run's marker (a round trip per run)."""
+
+    def refuse(task_id):
+        raise AssertionError(f"asked Redis for the marker of {task_id}")
+
+    monkeypatch.setattr(guard, "is_revoked_marker", refuse)
+
+
+def test_a_cancel_reaches_a_subscribed_process_without_a_round_trip_per_run(no_marker_reads):
+    runs = guard.RevokedRuns()
+    before, later, never = (f"unit-{uuid.uuid4()}" for _ in range(3))
+    guard.mark_revoked(before)
+
+    assert runs.contains(before)  # loaded from the index when it subscribed
+    assert not runs.contains(later)
+    guard.mark_revoked(later)
+    assert runs.contains(later)  # published: no reload, no marker read
+    assert not runs.contains(never)
+
+
+def test_a_dropped_subscription_asks_the_marker_then_subscribes_again(caplog):
+    runs = guard.RevokedRuns()
+    assert not runs.contains(f"unit-{uuid.uuid4()}")  # subscribed
+    r = guard.client()
+    killed = r.client_kill_filter(_type="pubsub")
+    assert killed >= 1
+    meanwhile = f"unit-{uuid.uuid4()}"
+    guard.mark_revoked(meanwhile)  # published while it had no subscription
+
+    assert runs.contains(meanwhile)  # from the marker, this once
+    assert "subscription lost" in caplog.text
+    assert runs.contains(meanwhile)  # subscribed and loaded again
+    assert runs._pubsub is not None
+
+
+def test_a_silent_subscription_is_proven_alive_by_a_ping(monkeypatch):
+    runs = guard.RevokedRuns()
+    runs.contains("warm-up")
+    pings = []
+    original = runs._pubsub.ping
+    monkeypatch.setattr(runs._pubsub, "ping", lambda: pings.append(1) or original())
+
+    runs.contains("x")
+    assert pings == []  # confirmed less than CONFIRM_EVERY ago
+    runs._confirmed -= guard.CONFIRM_EVERY + 0.1
+    runs.contains("x")
+    assert pings == [1]
+
+
+def test_an_expired_cancel_no_longer_counts_and_leaves_the_index():
+    r = guard.client()
+    old = f"unit-{uuid.uuid4()}"
+    r.zadd(guard.REVOKED_INDEX, {old: guard._now_ms() - 1})  # its marker expired
+
+    assert not guard.RevokedRuns().contains(old)
+    guard.mark_revoked(f"unit-{uuid.uuid4()}")
+    assert r.zscore(guard.REVOKED_INDEX, old) is None
+
+
+def test_a_forked_process_subscribes_on_its_own():
+    import multiprocessing
+
+    runs = guard.RevokedRuns()
+    runs.contains("warm-up")  # the parent's subscription
+    cancelled = f"unit-{uuid.uuid4()}"
+
+    def child(conn):
+        guard.mark_revoked(cancelled)
+        conn.send((runs.contains(cancelled), runs._pid == os.getpid()))
+
+    parent_end, child_end = multiprocessing.get_context("fork").Pipe()
+    process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
+    process.start()
+    process.join(20)
+    assert parent_end.recv() == (True, True)
+    assert runs.contains(cancelled)  # the parent's own subscription still works
+    assert runs._pid == os.getpid()
+
+
+def test_cancel_markers_from_before_the_index_are_indexed_once():
+    r = guard.client()
+    legacy = f"unit-{uuid.uuid4()}"
+    r.set(f"jobsite:run:{legacy}", guard.REVOKED, px=60_000)  # as the previous version did
+    r.delete(guard.LEGACY_INDEXED)
+    assert not guard.RevokedRuns().contains(legacy)
+
+    assert guard.index_legacy_markers() >= 1
+    assert guard.RevokedRuns().contains(legacy)
+    assert 0 < r.zscore(guard.REVOKED_INDEX, legacy) - guard._now_ms() <= 60_000
+    assert guard.index_legacy_markers() == 0  # once per Redis
