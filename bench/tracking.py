@@ -17,11 +17,15 @@ from "worker ready" to the last job finished.
 
 The submit side (publishing rate) is reported too. Same broker, worker, machine and
 database in the same run; the figures are jobs per second and their ratio.
+
+On a shared machine one drain can be 20 % off the next: ``--rounds N`` measures each
+broker N times, Jobsite then raw Celery each round, and adds the median of each column.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from bench import common
@@ -31,18 +35,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--broker", choices=["redis", "rabbitmq", "both"], default="both")
     parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=1, help="measurements per broker")
     args = parser.parse_args(argv)
     common.django_setup()
     print(common.machine(), flush=True)
     _explain_db_reuse()
     brokers = ["redis", "rabbitmq"] if args.broker == "both" else [args.broker]
-    results = [measure(broker, args.jobs) for broker in brokers]
+    results = [measure(broker, args.jobs) for broker in brokers for _ in range(args.rounds)]
     rows = []
-    for r in results:
-        rows.append([r["broker"], "submit (publish side)", r["jobsite_submit"], r["raw_submit"],
-                     r["jobsite_submit"] / r["raw_submit"]])  # fmt: skip
-        rows.append([r["broker"], "drain (worker side)", r["jobsite_drain"], r["raw_drain"],
-                     r["jobsite_drain"] / r["raw_drain"]])  # fmt: skip
+    for broker in brokers:
+        mine = [r for r in results if r["broker"] == broker]
+        for side, key in (("submit (publish side)", "submit"), ("drain (worker side)", "drain")):
+            pairs = [(r[f"jobsite_{key}"], r[f"raw_{key}"]) for r in mine]
+            for number, (jobsite, raw) in enumerate(pairs, 1):
+                label = f"{side}, round {number}" if args.rounds > 1 else side
+                rows.append([broker, label, jobsite, raw, jobsite / raw])
+            if args.rounds > 1:
+                rows.append([broker, f"{side}, median", statistics.median(p[0] for p in pairs),
+                             statistics.median(p[1] for p in pairs),
+                             statistics.median(p[0] / p[1] for p in pairs)])  # fmt: skip
     common.table(
         f"Tracking overhead: {args.jobs:,} no-op jobs, prefork -c 2 (jobs/s)",
         ["broker", "side", "Jobsite", "raw Celery", "ratio"],

@@ -57,6 +57,14 @@ def test_the_tracking_benchmark_runs_on_both_brokers(bench_env):
     assert out.count("| rabbitmq") == 2
 
 
+def test_the_tracking_benchmark_alternates_rounds_and_reports_medians(bench_env):
+    out = run(bench_env, "tracking", "--broker", "redis", "--jobs", "30", "--rounds", "2")
+
+    assert out.count("| redis") == 6  # submit and drain: two rounds and a median each
+    assert "drain (worker side), round 2" in out
+    assert "drain (worker side), median" in out
+
+
 def test_the_history_benchmark_runs(bench_env):
     out = run(bench_env, "history", "--runs", "2000", "--results", "2000", "--requests", "2",
               "--stock-requests", "1", "--follow", "3")  # fmt: skip
