@@ -57,6 +57,7 @@ REVOKED_CHANNEL = "jobsite:revoked:db{db}"  # Pub/Sub, each run id as it is revo
 LEGACY_INDEXED = "jobsite:revoked:indexed"  # markers from before the index: indexed
 CONFIRM_EVERY = 1.0  # seconds: a subscription is proven alive (PING) at least this often
 CONFIRM_TIMEOUT = 5.0
+PRUNE_EVERY = 3600.0  # seconds: a process's copy forgets the cancels whose markers expired
 
 # Replace the marker only if it still holds the value the caller saw/owns.
 _COMPARE_AND_SET = """
@@ -135,6 +136,7 @@ class RevokedRuns:
         self._pid = 0
         self._until: dict[str, int] = {}  # run id -> its marker's expiry (ms)
         self._confirmed = 0.0  # time.monotonic() of the last proof of life
+        self._pruned = time.monotonic()
         self._stale = False
 
     def contains(self, task_id: str) -> bool:
@@ -156,6 +158,8 @@ class RevokedRuns:
         if time.monotonic() - self._confirmed > CONFIRM_EVERY:
             pubsub.ping()
             self._read(pubsub, until="pong")
+            if time.monotonic() - self._pruned > PRUNE_EVERY:
+                self._prune()
         else:
             self._read(pubsub)
 
@@ -181,6 +185,11 @@ class RevokedRuns:
                 self._confirmed = time.monotonic()
                 return
 
+    def _prune(self) -> None:
+        now = _now_ms()
+        self._until = {run_id: until for run_id, until in self._until.items() if until > now}
+        self._pruned = time.monotonic()
+
     def _subscribe(self) -> None:
         pubsub = _subscriber().pubsub()
         try:
@@ -195,6 +204,7 @@ class RevokedRuns:
             raise
         self._until = {run_id.decode(): int(until) for run_id, until in loaded}
         self._pubsub, self._pid = pubsub, os.getpid()
+        self._pruned = time.monotonic()
 
     def _on_reconnect(self, connection) -> None:
         self._stale = True

@@ -155,6 +155,22 @@ def test_an_expired_cancel_no_longer_counts_and_leaves_the_index():
     assert r.zscore(guard.REVOKED_INDEX, old) is None
 
 
+def test_a_long_lived_process_forgets_cancels_whose_markers_expired():
+    runs = guard.RevokedRuns()
+    runs.contains("warm-up")
+    runs._until["gone"] = guard._now_ms() - 1  # its marker expired
+    runs._until["kept"] = guard._now_ms() + 60_000
+
+    runs._confirmed -= guard.CONFIRM_EVERY + 0.1  # due for its PING
+    runs.contains("x")
+    assert "gone" in runs._until  # pruned at most once per PRUNE_EVERY
+    runs._pruned -= guard.PRUNE_EVERY + 1
+    runs._confirmed -= guard.CONFIRM_EVERY + 0.1
+    runs.contains("x")
+    assert "gone" not in runs._until
+    assert "kept" in runs._until
+
+
 def test_a_forked_process_subscribes_on_its_own():
     import multiprocessing
 
