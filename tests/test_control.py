@@ -87,6 +87,29 @@ def test_a_cancel_marker_stops_a_worker_that_missed_the_revoke_broadcast(worker,
     assert subject not in mails(worker)
 
 
+def test_a_cancel_reaches_pool_processes_that_hold_their_copy_already(worker, alice):
+    # A job type without the duplicate guard checks the worker process's copy of the
+    # cancelled runs (guard.RevokedRuns), not the marker: pool processes that ran jobs
+    # have subscribed already, and learn of the cancel by Pub/Sub.
+    from jobs.tasks import noop
+
+    for result in [noop.apply_async(queue="default") for _ in range(6)]:
+        wait_for(result.id)
+    job_id = str(uuid.uuid4())
+    # Cancelled by its marker alone, as beat cancels a run it sent ahead: the worker
+    # makes the row REVOKED when it skips the run.
+    Job.objects.create(id=job_id, task_name="jobs.noop", submitted_by=alice)
+    guard.mark_revoked(job_id)
+
+    noop.apply_async(task_id=job_id, queue="default")
+    wait_for(noop.apply_async(queue="default").id)  # a later run on the same queue
+    wait_for(noop.apply_async(queue="default").id)  # on either pool process
+
+    job = Job.objects.get(pk=job_id)
+    assert job.state == "REVOKED"  # SUCCESS, had it run
+    assert job.error_message == "Cancelled before it started"
+
+
 def test_terminating_a_running_job_revokes_it_and_the_worker_keeps_serving(
     worker, alice_client, granted
 ):
