@@ -131,3 +131,28 @@ def test_the_run_page_shows_parameters_as_json_and_escapes_html(alice_client, al
     assert "&quot;subject&quot;: &quot;&lt;script&gt;alert(1)&lt;/script&gt;&quot;" in page
     assert "<script>alert(1)" not in page
     assert "<img src=x" not in page
+
+
+def test_a_history_row_escapes_what_users_and_workers_wrote(client, admin_user, alice, job_types):
+    started = timezone.now() - timedelta(seconds=3)
+    make_job(alice, job_types["count_primes"], id="<i>&\"q'-0000-4000-8000-000000000000",
+             state="PROGRESS", queue="q&<x>", progress_current=3, progress_total=7,
+             started_at=started, finished_at=started + timedelta(seconds=1.234))  # fmt: skip
+    Job.objects.create(id="from-elsewhere", task_name="x.<script>alert(1)</script>",
+                       state="FAILURE", source="beat")  # fmt: skip
+    client.force_login(admin_user)
+
+    html = client.get(reverse("jobs-history"), {"state": "PROGRESS"}).content.decode()
+    assert 'value="&lt;i&gt;&amp;&quot;q&#x27;-0000-4000-8000-000000000000"' in html
+    assert 'class="mono">&lt;i&gt;&amp;&quot;q&#x27;-0000…</a>' in html  # 13 characters
+    assert "<i>" not in html
+    assert "<td>Count primes</td>" in html
+    assert '<span class="state state-progress">In progress</span>' in html
+    assert '<progress max="100" value="43">43%</progress>' in html
+    assert "<td>q&amp;&lt;x&gt;</td>" in html
+    assert "<td>alice</td>" in html
+    assert "<td>1.23 s</td>" in html
+
+    html = client.get(reverse("jobs-history"), {"state": "FAILURE"}).content.decode()
+    assert '<span class="mono">x.&lt;script&gt;alert(1)&lt;/script&gt;</span>' in html
+    assert '<span class="muted">Schedule (beat)</span>' in html  # no submitter: its source
