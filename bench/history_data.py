@@ -153,7 +153,7 @@ def generate(*, runs: int, results: int, regenerate: bool = False) -> dict[str, 
         # commits is flushed, VACUUM may not mark their pages all-visible, and the
         # dashboard's index-only scans then read the table as well (its p50 was 287 ms
         # in one run, 78-84 ms once marked). One synchronous commit flushes the WAL first.
-        cursor.execute("SET synchronous_commit = on")
+        cursor.execute("RESET synchronous_commit")
         with transaction.atomic():
             cursor.execute("SELECT pg_current_xact_id()")
         for table in ("jobs_job", "django_celery_results_taskresult"):
@@ -162,6 +162,13 @@ def generate(*, runs: int, results: int, regenerate: bool = False) -> dict[str, 
             # all-visible (2026-11-30, cause not found); a second pass marks them, as
             # autovacuum would in a table that has been running for a while.
             cursor.execute(f"VACUUM {table}")
+            cursor.execute(
+                "SELECT relallvisible::float / GREATEST(relpages, 1) FROM pg_class"
+                " WHERE oid = %s::regclass",
+                [table],
+            )
+            share = cursor.fetchone()[0]
+            print(f"  {table}: {share:.0%} of its pages all-visible", flush=True)
     timings["vacuum analyze"] = time.perf_counter() - started
     return timings
 
@@ -169,6 +176,7 @@ def generate(*, runs: int, results: int, regenerate: bool = False) -> dict[str, 
 def _fill(sql: str, have: int, target: int, params: dict, label: str) -> None:
     with connection.cursor() as cursor:
         cursor.execute("SET synchronous_commit = off")  # bench data: speed over durability
+        # (reset by generate() before it vacuums)
         for start in range(have, target, CHUNK):
             stop = min(target, start + CHUNK) - 1
             cursor.execute(sql, {**params, "start": start, "stop": stop})

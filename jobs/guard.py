@@ -57,6 +57,7 @@ REVOKED_CHANNEL = "jobsite:revoked:db{db}"  # Pub/Sub, each run id as it is revo
 LEGACY_INDEXED = "jobsite:revoked:indexed"  # markers from before the index: indexed
 CONFIRM_EVERY = 1.0  # seconds: a subscription is proven alive (PING) at least this often
 CONFIRM_TIMEOUT = 5.0
+RESUBSCRIBE_AFTER = 5.0  # seconds: after a failure, the marker is asked meanwhile
 PRUNE_EVERY = 3600.0  # seconds: a process's copy forgets the cancels whose markers expired
 
 # Replace the marker only if it still holds the value the caller saw/owns.
@@ -126,8 +127,10 @@ class RevokedRuns:
     PING at least every CONFIRM_EVERY seconds proves the subscription alive (its
     answer comes after everything published before it), so a connection that died
     without a word is noticed within that time. Any failure, and a reconnect, drops
-    the copy: that check asks for the run's marker (is_revoked_marker), and the next
-    one subscribes and loads afresh.
+    the copy: the checks ask for the run's marker (is_revoked_marker) until one
+    subscribes and loads afresh, RESUBSCRIBE_AFTER seconds later. Until a worker has
+    indexed the markers set before the index (index_legacy_markers), the copy is not
+    trusted either.
     """
 
     def __init__(self) -> None:
@@ -138,14 +141,28 @@ class RevokedRuns:
         self._confirmed = 0.0  # time.monotonic() of the last proof of life
         self._pruned = time.monotonic()
         self._stale = False
+        self._trusted = False  # the legacy markers are indexed
+        self._retry_at = 0.0  # time.monotonic() after which to subscribe again
 
     def contains(self, task_id: str) -> bool:
         with self._lock:
+            if self._pubsub is None and time.monotonic() < self._retry_at:
+                return is_revoked_marker(task_id)
             try:
                 self._update()
             except (redis.RedisError, OSError) as exc:
-                logger.warning("Cancelled runs: subscription lost (%s); asking Redis per run", exc)
+                logger.warning(
+                    "Cancelled runs: no subscription (%s); asking Redis per run for %d s",
+                    exc,
+                    RESUBSCRIBE_AFTER,
+                )
                 self._drop()
+                self._retry_at = time.monotonic() + RESUBSCRIBE_AFTER
+                return is_revoked_marker(task_id)
+            except BaseException:  # e.g. a time limit, perhaps with a message half taken in
+                self._drop()
+                raise
+            if not self._trusted:
                 return is_revoked_marker(task_id)
             until = self._until.get(task_id)
         return until is not None and until > _now_ms()
@@ -158,6 +175,8 @@ class RevokedRuns:
         if time.monotonic() - self._confirmed > CONFIRM_EVERY:
             pubsub.ping()
             self._read(pubsub, until="pong")
+            if not self._trusted:
+                self._trusted = bool(client().exists(LEGACY_INDEXED))
             if time.monotonic() - self._pruned > PRUNE_EVERY:
                 self._prune()
         else:
@@ -168,7 +187,12 @@ class RevokedRuns:
         deadline = time.monotonic() + CONFIRM_TIMEOUT
         while True:
             timeout = max(0.0, deadline - time.monotonic()) if until else 0.0
-            message = pubsub.get_message(timeout=timeout)
+            try:
+                message = pubsub.get_message(timeout=timeout)
+            except redis.TimeoutError:
+                if until:
+                    raise
+                return  # part of a message has arrived: the rest is read next time
             if self._stale:
                 raise redis.ConnectionError("reconnected: what was published meanwhile is lost")
             if message is None:
@@ -197,12 +221,15 @@ class RevokedRuns:
             self._read(pubsub, until="subscribe")
             # Only on a reconnect: the first connection is made already.
             pubsub.connection.register_connect_callback(self._on_reconnect)
-            now = _now_ms()
-            loaded = client().zrangebyscore(REVOKED_INDEX, now, "+inf", withscores=True)
+            with client().pipeline(transaction=False) as pipe:
+                pipe.zrangebyscore(REVOKED_INDEX, _now_ms(), "+inf", withscores=True)
+                pipe.exists(LEGACY_INDEXED)
+                loaded, indexed = pipe.execute()
         except BaseException:
             self._close(pubsub)
             raise
         self._until = {run_id.decode(): int(until) for run_id, until in loaded}
+        self._trusted = bool(indexed)
         self._pubsub, self._pid = pubsub, os.getpid()
         self._pruned = time.monotonic()
 
@@ -242,7 +269,8 @@ def _subscriber() -> redis.Redis:
         settings.JOBSITE_REDIS_URL,
         socket_connect_timeout=2,
         socket_timeout=CONFIRM_TIMEOUT,
-        retry=Retry(NoBackoff(), 0),
+        # Not on a timeout either: a poll that finds half a message raises one.
+        retry=Retry(NoBackoff(), 0, supported_errors=(redis.ConnectionError,)),
     )
 
 

@@ -95,7 +95,13 @@ def test_a_revoked_marker_wins_over_a_claim():
 
 
 @pytest.fixture
-def no_marker_reads(monkeypatch):
+def indexed():
+    """Cancel markers from before the index are indexed (a worker's start does it)."""
+    guard.index_legacy_markers()
+
+
+@pytest.fixture
+def no_marker_reads(indexed, monkeypatch):
     """Fail the test if a check asks Redis for the run's marker (a round trip per run)."""
 
     def refuse(task_id):
@@ -116,7 +122,7 @@ def test_a_cancel_reaches_a_subscribed_process_without_a_round_trip_per_run(no_m
     assert not runs.contains(never)
 
 
-def test_a_dropped_subscription_asks_the_marker_then_subscribes_again(caplog):
+def test_a_dropped_subscription_asks_the_marker_then_subscribes_again(indexed, caplog):
     runs = guard.RevokedRuns()
     assert not runs.contains(f"unit-{uuid.uuid4()}")  # subscribed
     r = guard.client()
@@ -125,10 +131,28 @@ def test_a_dropped_subscription_asks_the_marker_then_subscribes_again(caplog):
     meanwhile = f"unit-{uuid.uuid4()}"
     guard.mark_revoked(meanwhile)  # published while it had no subscription
 
-    assert runs.contains(meanwhile)  # from the marker, this once
-    assert "subscription lost" in caplog.text
+    assert runs.contains(meanwhile)  # from the marker
+    assert "no subscription" in caplog.text
+    assert runs.contains(meanwhile)  # from the marker again: no resubscribe at once
+    assert runs._pubsub is None
+    runs._retry_at -= guard.RESUBSCRIBE_AFTER  # a while later
     assert runs.contains(meanwhile)  # subscribed and loaded again
     assert runs._pubsub is not None
+
+
+def test_a_time_limit_in_the_middle_of_a_check_drops_the_copy(indexed, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    runs = guard.RevokedRuns()
+    runs.contains("warm-up")
+
+    def interrupted(**kwargs):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(runs._pubsub, "get_message", interrupted)
+    with pytest.raises(SoftTimeLimitExceeded):
+        runs.contains("x")
+    assert runs._pubsub is None  # a message may have been half taken in: not trusted
 
 
 def test_a_silent_subscription_is_proven_alive_by_a_ping(monkeypatch):
@@ -145,7 +169,7 @@ def test_a_silent_subscription_is_proven_alive_by_a_ping(monkeypatch):
     assert pings == [1]
 
 
-def test_an_expired_cancel_no_longer_counts_and_leaves_the_index():
+def test_an_expired_cancel_no_longer_counts_and_leaves_the_index(indexed):
     r = guard.client()
     old = f"unit-{uuid.uuid4()}"
     r.zadd(guard.REVOKED_INDEX, {old: guard._now_ms() - 1})  # its marker expired
@@ -191,14 +215,17 @@ def test_a_forked_process_subscribes_on_its_own():
     assert runs._pid == os.getpid()
 
 
-def test_cancel_markers_from_before_the_index_are_indexed_once():
+def test_cancel_markers_from_before_the_index_are_indexed_once(monkeypatch):
     r = guard.client()
     legacy = f"unit-{uuid.uuid4()}"
     r.set(f"jobsite:run:{legacy}", guard.REVOKED, px=60_000)  # as the previous version did
     r.delete(guard.LEGACY_INDEXED)
-    assert not guard.RevokedRuns().contains(legacy)
+    runs = guard.RevokedRuns()
+    assert runs.contains(legacy)  # not indexed yet: the copy is not trusted, the marker is
+    assert not runs._trusted
 
     assert guard.index_legacy_markers() >= 1
-    assert guard.RevokedRuns().contains(legacy)
+    monkeypatch.setattr(guard, "is_revoked_marker", lambda task_id: pytest.fail("marker read"))
+    assert guard.RevokedRuns().contains(legacy)  # from the index
     assert 0 < r.zscore(guard.REVOKED_INDEX, legacy) - guard._now_ms() <= 60_000
     assert guard.index_legacy_markers() == 0  # once per Redis
