@@ -285,34 +285,35 @@ def index_legacy_markers() -> int:
         return 0
     indexed = 0
     keys: list[bytes] = []
-
-    def flush() -> None:
-        nonlocal indexed
-        with r.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.get(key)
-                pipe.pttl(key)
-            replies = pipe.execute()
-        now = _now_ms()
-        found = {}
-        for key, value, ttl in zip(keys, replies[::2], replies[1::2], strict=True):
-            if value == REVOKED:
-                found[key.decode().removeprefix("jobsite:run:")] = now + (
-                    ttl if ttl > 0 else REVOKED_TTL_MS
-                )
-        if found:
-            r.zadd(REVOKED_INDEX, found)
-            indexed += len(found)
-        keys.clear()
-
-    for key in r.scan_iter(match="jobsite:run:*", count=1000):
+    for key in r.scan_iter(match=_key("*"), count=1000):
         keys.append(key)
         if len(keys) >= 1000:
-            flush()
-    if keys:
-        flush()
+            indexed += _index_markers(r, keys)
+            keys = []
+    indexed += _index_markers(r, keys)
     r.set(LEGACY_INDEXED, "1")
     return indexed
+
+
+def _index_markers(r: redis.Redis, keys: list[bytes]) -> int:
+    """Add the cancelled ones among these marker keys to the index; how many were."""
+    if not keys:
+        return 0
+    with r.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.get(key)
+            pipe.pttl(key)
+        replies = pipe.execute()
+    now = _now_ms()
+    prefix = _key("")
+    found = {
+        key.decode().removeprefix(prefix): now + (ttl if ttl > 0 else REVOKED_TTL_MS)
+        for key, value, ttl in zip(keys, replies[::2], replies[1::2], strict=True)
+        if value == REVOKED
+    }
+    if found:
+        r.zadd(REVOKED_INDEX, found)
+    return len(found)
 
 
 @dataclass(frozen=True)
