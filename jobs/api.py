@@ -59,6 +59,13 @@ class PageQuery(serializers.Serializer):
     )
     page_size = serializers.IntegerField(required=False, min_value=1, max_value=MAX_PAGE_SIZE)
 
+    def validate(self, attrs: dict) -> dict:
+        # DRF skips a blank optional field in a query string; the schema says integer,
+        # so `?page_size=` is refused rather than read as the default.
+        if self.initial_data.get("page_size") == "":
+            raise serializers.ValidationError({"page_size": ["A valid integer is required."]})
+        return attrs
+
 
 # As on the history page, an empty value means "any". The times are strings because
 # Django's date-time parsing accepts more than RFC 3339 (a date alone, a space for "T").

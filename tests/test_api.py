@@ -242,6 +242,7 @@ def test_filters_are_the_history_pages(api, alice):
         ({"cursor": "not-a-cursor"}, "cursor", "Invalid cursor"),
         ({"page_size": "0"}, "page_size", "greater than or equal to 1"),
         ({"page_size": "many"}, "page_size", "A valid integer is required"),
+        ({"page_size": ""}, "page_size", "A valid integer is required"),
     ],
 )
 def test_invalid_filters_are_a_400_with_the_field_errors(api, job_types, params, field, message):
