@@ -64,9 +64,9 @@ def django_setup(broker_url: str | None = None) -> None:
     import django
 
     django.setup()
-    from jobs import catalog
+    from jobs import services
 
-    catalog.sync()  # job types declared since the last migrate (the no-op one)
+    services.jobtypes_sync()  # job types declared since the last migrate (the no-op one)
 
 
 def use_broker(url: str) -> None:
@@ -92,7 +92,7 @@ def purge(queues: tuple[str, ...] = (QUEUE,)) -> None:
 
 
 def queue_depth(queue: str = QUEUE) -> int:
-    from jobs.broker import queue_depths
+    from jobs.selectors.broker import queue_depths
 
     depth = queue_depths((queue,))[0].messages
     return -1 if depth is None else depth

@@ -133,11 +133,11 @@ def _jobsite_cleanup(now, batch: int) -> float:
             longest = max(longest, time.perf_counter() - self.started)
             return result
 
-    services.transaction.atomic = TimedAtomic
+    transaction.atomic = TimedAtomic
     try:
         services.jobs_cleanup(batch=batch, now=now)
     finally:
-        services.transaction.atomic = real_atomic
+        transaction.atomic = real_atomic
     return longest
 
 

@@ -10,7 +10,7 @@ from "worker ready" to the last job finished.
   audit entry, publish, RECEIVED/STARTED/SUCCESS recorded, result stored); finished
   means every Job row is SUCCESS (the end is the newest finished_at). `noop` is
   `acks_late`: each message is acknowledged only once its run's final state is
-  durable (group-committed by the worker's main process, jobs.commit, unless
+  durable (group-committed by the worker's main process, jobs.worker.commit, unless
   JOBSITE_GROUP_COMMIT=0).
 - Raw Celery: N `apply_async(ignore_result=True)` of `jobsite.bench_noop`, a plain task
   that only INCRs a Redis counter; finished means the counter reached N.
@@ -148,10 +148,10 @@ def _forget_earlier_runs() -> None:
 
 
 def _raw(url: str, n: int) -> tuple[float, float]:
-    from jobs import guard
-    from jobs.tasks import BENCH_COUNTER_KEY, bench_noop
+    from jobs import redis as jobsite_redis
+    from jobs.tasks.benchmark import BENCH_COUNTER_KEY, bench_noop
 
-    redis = guard.client()
+    redis = jobsite_redis.client()
     redis.delete(BENCH_COUNTER_KEY)
     started = time.perf_counter()
     for _ in range(n):

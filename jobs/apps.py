@@ -10,10 +10,10 @@ class JobsConfig(AppConfig):
     def ready(self) -> None:
         from celery import signals
 
-        from jobs import signals as handlers
         from jobs import tasks  # noqa: F401  (declares the catalogue)
+        from jobs.worker import signals as handlers
 
-        post_migrate.connect(handlers.sync_catalog, sender=self)
+        post_migrate.connect(_sync_catalog, sender=self)
         signals.task_received.connect(handlers.on_task_received, weak=False)
         signals.task_prerun.connect(handlers.on_task_prerun, weak=False)
         signals.task_postrun.connect(handlers.on_task_postrun, weak=False)
@@ -22,3 +22,12 @@ class JobsConfig(AppConfig):
         signals.worker_ready.connect(handlers.on_worker_ready, weak=False)
         signals.worker_process_shutdown.connect(handlers.on_worker_shutdown, weak=False)
         signals.worker_shutdown.connect(handlers.on_worker_shutdown, weak=False)
+
+
+def _sync_catalog(sender, **kwargs) -> None:
+    """After migrate: a JobType row per declared job type, and the roles' permissions."""
+    # Imported here, as in ready(): apps.py is loaded before the models are.
+    from jobs import roles, services
+
+    services.jobtypes_sync()
+    roles.setup_roles()

@@ -7,7 +7,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from jobs import guard
+from jobs import redis
 
 logger = logging.getLogger(__name__)
 
@@ -15,12 +15,12 @@ BEAT_KEY = "jobsite:beat:last_seen"
 
 
 def beat_seen_now() -> None:
-    guard.client().set(BEAT_KEY, f"{time.time():.3f}", ex=24 * 3600)
+    redis.client().set(BEAT_KEY, f"{time.time():.3f}", ex=24 * 3600)
 
 
 def beat_last_seen() -> datetime | None:
     try:
-        raw = guard.client().get(BEAT_KEY)
+        raw = redis.client().get(BEAT_KEY)
     except Exception:  # Redis down: unknown, not an error page
         return None
     return datetime.fromtimestamp(float(raw), tz=UTC) if raw else None
@@ -33,13 +33,13 @@ WORKER_BEAT_SECONDS = 10.0
 
 
 def worker_seen_now(hostname: str) -> None:
-    guard.client().set(WORKER_KEY.format(hostname), f"{time.time():.3f}", ex=7 * 24 * 3600)
+    redis.client().set(WORKER_KEY.format(hostname), f"{time.time():.3f}", ex=7 * 24 * 3600)
 
 
 def worker_last_seen(hostnames: list[str]) -> dict[str, datetime | None]:
     if not hostnames:
         return {}
-    raws = guard.client().mget([WORKER_KEY.format(h) for h in hostnames])
+    raws = redis.client().mget([WORKER_KEY.format(h) for h in hostnames])
     return {
         h: datetime.fromtimestamp(float(raw), tz=UTC) if raw else None
         for h, raw in zip(hostnames, raws, strict=True)

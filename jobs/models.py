@@ -11,6 +11,8 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
+from jobs import specs
+
 
 class JobState(models.TextChoices):
     PENDING = "PENDING", "Pending"
@@ -53,7 +55,7 @@ class JobTypeQuerySet(models.QuerySet):
 
 
 class JobType(models.Model):
-    """A catalogued Celery task that people may run (declared in jobs/catalog.py)."""
+    """A catalogued Celery task that people may run (declared with @catalog.job)."""
 
     name = models.SlugField("name", max_length=100, unique=True, editable=False)
     task_name = models.CharField(
@@ -129,9 +131,7 @@ class JobType(models.Model):
 
     @property
     def spec(self):
-        from jobs import catalog
-
-        return catalog.get(self.name)
+        return specs.get(self.name)
 
     def is_runnable_by(self, user) -> bool:
         return JobType.objects.runnable_by(user).filter(pk=self.pk).exists()

@@ -200,7 +200,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "sep": ":",
     "queue_order_strategy": "priority",
 }
-CELERY_RESULT_BACKEND = "jobs.backends:JobResultBackend"
+CELERY_RESULT_BACKEND = "jobs.worker.backend:JobResultBackend"
 CELERY_RESULT_EXTENDED = True
 CELERY_TASK_TRACK_STARTED = True
 CELERY_TASK_SERIALIZER = "json"
@@ -270,7 +270,7 @@ JOBSITE_BEAT_LEAD = env_int("JOBSITE_BEAT_LEAD", 10, minimum=0)
 REST_FRAMEWORK = {
     # Token first: its WWW-Authenticate header turns "no credentials" into a 401.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "jobs.api_auth.ApiTokenAuthentication",
+        "jobs.api.auth.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -358,7 +358,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS["unacked_restore_throttle"] = env_int(
 CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
 CELERY_RESULT_BACKEND_MAX_RETRIES = 5
 # Record malformed, oversize and unknown messages instead of only logging them.
-CELERY_WORKER_CONSUMER = "jobs.consumer:JobsiteConsumer"
+CELERY_WORKER_CONSUMER = "jobs.worker.consumer:JobsiteConsumer"
 CELERY_BEAT_SCHEDULE = {
     **globals().get("CELERY_BEAT_SCHEDULE", {}),
     "jobsite-relay": {

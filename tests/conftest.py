@@ -24,7 +24,7 @@ from django.core.management.base import CommandError
 from django.core.management.commands import flush
 from django.db import OperationalError, connection
 
-from jobs import catalog
+from jobs import services
 from jobs.models import FINISHED_STATES, Job, JobType
 from jobsite.celery import app as celery_app
 
@@ -85,7 +85,7 @@ def _flush_survives_a_deadlock() -> Iterator[None]:
 @pytest.fixture
 def job_types(db) -> dict[str, JobType]:
     """The catalogue synced to the table (transactional tests flush it between tests)."""
-    catalog.sync()
+    services.jobtypes_sync()
     return {jt.name: jt for jt in JobType.objects.all()}
 
 

@@ -15,9 +15,10 @@ from django.core.management import call_command
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-from jobs import alerts, guard, heartbeat
-from jobs.alerts import alerts_check
+from jobs import heartbeat, redis
 from jobs.models import Alert, AlertRule, Job
+from jobs.services import alerts
+from jobs.services.alerts import alerts_check
 
 from .conftest import wait_for
 from .test_tracking import submit
@@ -28,7 +29,7 @@ SECRET = "webhook-secret-for-tests"
 @pytest.fixture(autouse=True)
 def _fresh_marks():
     """The failure mark, open incidents and the lock live in Redis, beyond the test DB."""
-    client = guard.client()
+    client = redis.client()
     keys = [*client.scan_iter("jobsite:alerts:*")]
     if keys:
         client.delete(*keys)
@@ -277,7 +278,7 @@ def test_a_schedule_on_time_raises_nothing(job_types, mailoutbox):
 
 
 def test_silent_beat_alerts_once_and_clears_when_it_ticks(job_types, mailoutbox):
-    guard.client().delete(heartbeat.BEAT_KEY)
+    redis.client().delete(heartbeat.BEAT_KEY)
     rule_for(None, name="Heartbeat", on_failure=False, on_heartbeat_lost=True, min_interval=0)
 
     alerts_check()
@@ -287,7 +288,7 @@ def test_silent_beat_alerts_once_and_clears_when_it_ticks(job_types, mailoutbox)
     assert len(beat_mails) == 1 and "never seen" in beat_mails[0].subject
     heartbeat.beat_seen_now()
     alerts_check()
-    assert not guard.client().exists(alerts.OPEN_KEY + "beat")
+    assert not redis.client().exists(alerts.OPEN_KEY + "beat")
 
 
 def test_the_management_command_runs_one_check(job_types, mailoutbox, capsys):
@@ -301,7 +302,7 @@ def test_the_management_command_runs_one_check(job_types, mailoutbox, capsys):
 
 
 def test_a_check_already_running_makes_another_skip(job_types):
-    lock = guard.client().lock(alerts.LOCK_KEY, timeout=30)
+    lock = redis.client().lock(alerts.LOCK_KEY, timeout=30)
     assert lock.acquire(blocking=False)
     try:
         assert alerts_check().skipped
@@ -312,7 +313,7 @@ def test_a_check_already_running_makes_another_skip(job_types):
 def test_the_check_is_a_maintenance_task_that_beat_installs(db, settings):
     from django_celery_beat.schedulers import ModelEntry
 
-    from jobs.tasks import alerts_check as task
+    from jobs.tasks.maintenance import alerts_check as task
     from jobsite.celery import app
 
     entry = settings.CELERY_BEAT_SCHEDULE["jobsite-alerts-check"]

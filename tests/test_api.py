@@ -15,8 +15,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-from jobs import catalog, services
-from jobs.form_schema import form_json_schema
+from jobs import catalog, services, specs
+from jobs.api.form_schema import form_json_schema
 from jobs.models import ApiToken, AuditAction, AuditEntry, Job, JobState, JobType
 
 from .conftest import wait_for
@@ -73,7 +73,7 @@ def secret_job_type(db, submitters):
     job_type = JobType.objects.create(name=spec.name, **spec.defaults())
     job_type.allowed_groups.add(submitters)
     yield job_type
-    catalog._registry.pop(spec.name, None)
+    specs._registry.pop(spec.name, None)
 
 
 def make_run(user, job_type, **fields) -> Job:
@@ -183,7 +183,7 @@ def test_a_session_works_but_a_post_needs_the_csrf_token(alice, granted):
 
 
 def catalog_job_type(name: str) -> JobType:
-    catalog.sync()
+    services.jobtypes_sync()
     return JobType.objects.get(name=name)
 
 

@@ -17,7 +17,8 @@ import pytest
 from django.urls import reverse
 from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTasks
 
-from jobs import beat, guard, heartbeat
+from jobs import heartbeat, redis
+from jobs.beat import scheduler as beat
 from jobs.models import Job, JobSource
 
 from .conftest import ROOT
@@ -70,7 +71,7 @@ class Beat:
 @pytest.fixture
 def start_beat(worker) -> Iterator:
     """Start beats beside the test's worker; all are stopped before the DB is flushed."""
-    guard.client().delete(beat.LOCK_NAME, heartbeat.BEAT_KEY)
+    redis.client().delete(beat.LOCK_NAME, heartbeat.BEAT_KEY)
     beats: list[Beat] = []
 
     def start(name: str = "a") -> Beat:
@@ -81,7 +82,7 @@ def start_beat(worker) -> Iterator:
     yield start
     for process in beats:
         process.stop()
-    guard.client().delete(beat.LOCK_NAME)
+    redis.client().delete(beat.LOCK_NAME)
 
 
 def every(seconds: int) -> IntervalSchedule:

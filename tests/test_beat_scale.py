@@ -23,8 +23,8 @@ from django_celery_beat.models import (
     SolarSchedule,
 )
 
-from jobs import guard
 from jobs.beat import JobsiteScheduler
+from jobs.worker import guard
 from jobsite.celery import app as celery_app
 
 

@@ -2,7 +2,7 @@
 
 from django_celery_results.models import TaskResult
 
-from jobs.tasks import count_primes
+from jobs.tasks.demo import count_primes
 from jobsite.celery import app
 
 from .conftest import wait_for

@@ -10,10 +10,11 @@ from django.urls import reverse
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
-from jobs import broker, guard, services
+from jobs import markers, services
 from jobs.models import AuditEntry, Job, JobLog
 from jobs.roles import setup_roles
-from jobs.tasks import send_mail
+from jobs.selectors import broker
+from jobs.tasks.demo import send_mail
 
 from .conftest import wait_for
 from .test_tracking import submit
@@ -76,7 +77,7 @@ def test_a_cancel_marker_stops_a_worker_that_missed_the_revoke_broadcast(worker,
     subject = f"marker-{uuid.uuid4()}"
     job_id = str(uuid.uuid4())
     Job.objects.create(id=job_id, task_name="jobs.send_mail", state="REVOKED", submitted_by=alice)
-    guard.mark_revoked(job_id)
+    markers.mark_revoked(job_id)
 
     send_mail.apply_async(kwargs={"to": "x@example.com", "subject": subject, "body": "b"},
                           task_id=job_id)  # fmt: skip
@@ -91,7 +92,7 @@ def test_a_cancel_reaches_pool_processes_that_hold_their_copy_already(worker, al
     # A job type without the duplicate guard checks the worker process's copy of the
     # cancelled runs (guard.RevokedRuns), not the marker: pool processes that ran jobs
     # have subscribed already, and learn of the cancel by Pub/Sub.
-    from jobs.tasks import noop
+    from jobs.tasks.benchmark import noop
 
     for result in [noop.apply_async(queue="default") for _ in range(6)]:
         wait_for(result.id)
@@ -99,7 +100,7 @@ def test_a_cancel_reaches_pool_processes_that_hold_their_copy_already(worker, al
     # Cancelled by its marker alone, as beat cancels a run it sent ahead: the worker
     # makes the row REVOKED when it skips the run.
     Job.objects.create(id=job_id, task_name="jobs.noop", submitted_by=alice)
-    guard.mark_revoked(job_id)
+    markers.mark_revoked(job_id)
 
     noop.apply_async(task_id=job_id, queue="default")
     wait_for(noop.apply_async(queue="default").id)  # a later run on the same queue

@@ -14,9 +14,10 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from jobs import heartbeat, stats
+from jobs import heartbeat, redis
+from jobs.admin.paginators import EstimatedCountPaginator
 from jobs.models import Job
-from jobs.paginators import EstimatedCountPaginator
+from jobs.selectors import stats
 
 
 @pytest.fixture(autouse=True)
@@ -149,9 +150,8 @@ def test_the_system_fragment_shows_the_worker_queues_and_beat(worker, alice_clie
 
 
 def test_the_system_fragment_warns_when_beat_was_never_seen(alice_client):
-    from jobs import guard
 
-    guard.client().delete(heartbeat.BEAT_KEY)
+    redis.client().delete(heartbeat.BEAT_KEY)
 
     html = alice_client.get(reverse("jobs-dashboard-system")).content.decode()
 

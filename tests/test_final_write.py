@@ -10,8 +10,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django_celery_results.models import ChordCounter, TaskResult
 
-from jobs.buffer import UpdateBuffer
 from jobs.models import Job
+from jobs.worker.buffer import UpdateBuffer
 from jobsite.celery import app
 
 

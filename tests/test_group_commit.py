@@ -1,5 +1,5 @@
 """Group commit: the worker's main process stores successful runs' final states in
-batches, and acknowledges acks_late runs only once theirs is durable (jobs.commit)."""
+batches, and acknowledges acks_late runs only once theirs is durable (jobs.worker.commit)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django_celery_results.models import TaskResult
 
-from jobs import backends, commit, services
+from jobs import services
 from jobs.models import Job
+from jobs.worker import backend as backends
+from jobs.worker import commit
 from jobsite.celery import app
 
 from .conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
@@ -167,7 +169,7 @@ def test_runs_finishing_close_together_are_stored_in_one_statement(
 
 
 def test_a_stored_batch_is_acknowledged_inline_by_the_consumer(monkeypatch):
-    from jobs.consumer import JobsiteConsumer
+    from jobs.worker.consumer import JobsiteConsumer
 
     consumer = JobsiteConsumer.__new__(JobsiteConsumer)  # call_soon_ack needs only .hub
     scheduled: list = []

@@ -6,9 +6,10 @@ import uuid
 
 import pytest
 
-from jobs import guard
+from jobs import markers, redis
 from jobs.models import Job, JobLog
-from jobs.tasks import generate_report
+from jobs.tasks.demo import generate_report
+from jobs.worker import guard
 
 from .conftest import Worker, wait_for
 
@@ -75,7 +76,7 @@ def test_only_the_owner_can_release_or_finish_a_marker(settings):
 def test_a_marker_left_by_a_dead_process_can_be_taken_over_once():
     task_id = f"unit-{uuid.uuid4()}"
     dead = b"run|w1@host|0000|999999|abc"
-    guard.client().set(f"jobsite:run:{task_id}", dead)
+    redis.client().set(f"jobsite:run:{task_id}", dead)
 
     first = guard.take_over(task_id, dead, "w1@host")
     second = guard.take_over(task_id, dead, "w1@host")
@@ -86,7 +87,7 @@ def test_a_marker_left_by_a_dead_process_can_be_taken_over_once():
 
 def test_a_revoked_marker_wins_over_a_claim():
     task_id = f"unit-{uuid.uuid4()}"
-    guard.mark_revoked(task_id)
+    markers.mark_revoked(task_id)
 
     assert guard.claim(task_id, "w1@host").outcome == "revoked"
 
@@ -113,11 +114,11 @@ def no_marker_reads(indexed, monkeypatch):
 def test_a_cancel_reaches_a_subscribed_process_without_a_round_trip_per_run(no_marker_reads):
     runs = guard.RevokedRuns()
     before, later, never = (f"unit-{uuid.uuid4()}" for _ in range(3))
-    guard.mark_revoked(before)
+    markers.mark_revoked(before)
 
     assert runs.contains(before)  # loaded from the index when it subscribed
     assert not runs.contains(later)
-    guard.mark_revoked(later)
+    markers.mark_revoked(later)
     assert runs.contains(later)  # published: no reload, no marker read
     assert not runs.contains(never)
 
@@ -125,11 +126,11 @@ def test_a_cancel_reaches_a_subscribed_process_without_a_round_trip_per_run(no_m
 def test_a_dropped_subscription_asks_the_marker_then_subscribes_again(indexed, caplog):
     runs = guard.RevokedRuns()
     assert not runs.contains(f"unit-{uuid.uuid4()}")  # subscribed
-    r = guard.client()
+    r = redis.client()
     killed = r.client_kill_filter(_type="pubsub")
     assert killed >= 1
     meanwhile = f"unit-{uuid.uuid4()}"
-    guard.mark_revoked(meanwhile)  # published while it had no subscription
+    markers.mark_revoked(meanwhile)  # published while it had no subscription
 
     assert runs.contains(meanwhile)  # from the marker
     assert "no subscription" in caplog.text
@@ -170,20 +171,20 @@ def test_a_silent_subscription_is_proven_alive_by_a_ping(monkeypatch):
 
 
 def test_an_expired_cancel_no_longer_counts_and_leaves_the_index(indexed):
-    r = guard.client()
+    r = redis.client()
     old = f"unit-{uuid.uuid4()}"
-    r.zadd(guard.REVOKED_INDEX, {old: guard._now_ms() - 1})  # its marker expired
+    r.zadd(markers.REVOKED_INDEX, {old: markers.now_ms() - 1})  # its marker expired
 
     assert not guard.RevokedRuns().contains(old)
-    guard.mark_revoked(f"unit-{uuid.uuid4()}")
-    assert r.zscore(guard.REVOKED_INDEX, old) is None
+    markers.mark_revoked(f"unit-{uuid.uuid4()}")
+    assert r.zscore(markers.REVOKED_INDEX, old) is None
 
 
 def test_a_long_lived_process_forgets_cancels_whose_markers_expired():
     runs = guard.RevokedRuns()
     runs.contains("warm-up")
-    runs._until["gone"] = guard._now_ms() - 1  # its marker expired
-    runs._until["kept"] = guard._now_ms() + 60_000
+    runs._until["gone"] = markers.now_ms() - 1  # its marker expired
+    runs._until["kept"] = markers.now_ms() + 60_000
 
     runs._confirmed -= guard.CONFIRM_EVERY + 0.1  # due for its PING
     runs.contains("x")
@@ -203,7 +204,7 @@ def test_a_forked_process_subscribes_on_its_own():
     cancelled = f"unit-{uuid.uuid4()}"
 
     def child(conn):
-        guard.mark_revoked(cancelled)
+        markers.mark_revoked(cancelled)
         conn.send((runs.contains(cancelled), runs._pid == os.getpid()))
 
     parent_end, child_end = multiprocessing.get_context("fork").Pipe()
@@ -216,9 +217,9 @@ def test_a_forked_process_subscribes_on_its_own():
 
 
 def test_cancel_markers_from_before_the_index_are_indexed_once(monkeypatch):
-    r = guard.client()
+    r = redis.client()
     legacy = f"unit-{uuid.uuid4()}"
-    r.set(f"jobsite:run:{legacy}", guard.REVOKED, px=60_000)  # as the previous version did
+    r.set(f"jobsite:run:{legacy}", markers.REVOKED, px=60_000)  # as the previous version did
     r.delete(guard.LEGACY_INDEXED)
     runs = guard.RevokedRuns()
     assert runs.contains(legacy)  # not indexed yet: the copy is not trusted, the marker is
@@ -227,5 +228,5 @@ def test_cancel_markers_from_before_the_index_are_indexed_once(monkeypatch):
     assert guard.index_legacy_markers() >= 1
     monkeypatch.setattr(guard, "is_revoked_marker", lambda task_id: pytest.fail("marker read"))
     assert guard.RevokedRuns().contains(legacy)  # from the index
-    assert 0 < r.zscore(guard.REVOKED_INDEX, legacy) - guard._now_ms() <= 60_000
+    assert 0 < r.zscore(markers.REVOKED_INDEX, legacy) - markers.now_ms() <= 60_000
     assert guard.index_legacy_markers() == 0  # once per Redis

@@ -22,9 +22,10 @@ from django_celery_beat.models import (
 )
 from kombu import Exchange, Queue
 
-from jobs import catalog, guard, heartbeat, routing, schedules
-from jobs.forms import PrimesParams
+from jobs import catalog, heartbeat, redis, routing, specs
 from jobs.models import AuditAction, AuditEntry, Job, JobSource, JobType
+from jobs.selectors import schedules
+from jobs.tasks.demo import PrimesParams
 from jobsite.celery import app as celery_app
 
 from .conftest import wait_for
@@ -294,7 +295,7 @@ def test_the_list_shows_when_beat_was_last_seen(admin_client, job_types):
 
 
 def test_the_list_warns_when_beat_is_not_running(admin_client, job_types):
-    guard.client().delete(heartbeat.BEAT_KEY)
+    redis.client().delete(heartbeat.BEAT_KEY)
 
     page = admin_client.get(CHANGELIST).content.decode()
 
@@ -508,7 +509,7 @@ def probe_type(job_types):
         name="probe", task_name="tests.probe", title="Probe", queue=queue
     )
     yield job_type
-    catalog._registry.pop("probe", None)
+    specs._registry.pop("probe", None)
 
 
 def test_run_now_sends_all_of_the_schedules_options(worker, admin_client, probe_type):

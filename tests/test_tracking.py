@@ -5,7 +5,7 @@ import time
 from django.urls import reverse
 
 from jobs.models import Job, JobLog
-from jobs.tasks import count_primes
+from jobs.tasks.demo import count_primes
 
 from .conftest import wait_for
 

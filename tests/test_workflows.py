@@ -6,8 +6,10 @@ import pytest
 from django.core.exceptions import PermissionDenied
 from django.urls import reverse
 
-from jobs import guard, services, workflows
+from jobs import services, workflows
 from jobs.models import AuditEntry, Job, JobSource, JobState
+from jobs.tasks import workflows as demo_workflows
+from jobs.worker import guard
 
 from .conftest import wait_for
 
@@ -206,7 +208,7 @@ def test_a_failing_chord_member_fires_the_errback_on_the_callback(
         )
 
     template = workflows.WorkflowTemplate(
-        "broken_chord", "Broken chord", "", "chord", workflows.PrimesSumForm, plan
+        "broken_chord", "Broken chord", "", "chord", demo_workflows.PrimesSumForm, plan
     )
     monkeypatch.setitem(workflows.TEMPLATES, "broken_chord", template)
     root = services.workflow_submit(workflow="broken_chord", params={}, user=alice)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from django import template
 
-from jobs import stats
 from jobs.models import JobState
+from jobs.selectors import stats
 
 register = template.Library()
 

@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand
 
-from jobs.alerts import alerts_check
+from jobs.services.alerts import alerts_check
 
 
 class Command(BaseCommand):

@@ -1,0 +1,1 @@
+"""The JSON API (Django REST framework): thin views over selectors and services."""

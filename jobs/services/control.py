@@ -1,0 +1,187 @@
+"""Control of runs: cancel, terminate, retry, rerun, delete, in bulk too."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import current_app
+from django.core.exceptions import PermissionDenied
+from django.utils import timezone
+
+from jobs import markers
+from jobs.models import (
+    FINISHED_STATES,
+    RETRYABLE_STATES,
+    AuditAction,
+    AuditOutcome,
+    Job,
+    JobSource,
+    JobState,
+)
+from jobs.services.audit import _audit_job, audit_record
+from jobs.services.errors import BROKER_ERRORS, ActionError
+from jobs.services.runs import job_submit
+
+logger = logging.getLogger(__name__)
+
+# --- Control: cancel, terminate, retry, rerun, delete ---------------------------
+
+
+NOT_STARTED = (JobState.PENDING, JobState.RECEIVED, JobState.RETRY)
+
+
+def _is_now(job: Job) -> str:
+    return f"this one is {job.get_state_display().lower()}."
+
+
+def _check_control(user, job: Job) -> None:
+    is_owner = job.submitted_by_id == getattr(user, "pk", None)
+    if not (is_owner or user.has_perm("jobs.control_jobs")):
+        raise PermissionDenied("You may not control this run.")
+
+
+def job_cancel(*, job: Job, user) -> Job:
+    """Cancel a run that has not started: it will never execute, wherever it is delivered.
+
+    A running job is not touched (use ``job_terminate``).
+    """
+    _check_control(user, job)
+    now = timezone.now()
+    updated = Job.objects.filter(pk=job.pk, state__in=NOT_STARTED).update(
+        state=JobState.REVOKED, finished_at=now, error_message=f"Cancelled by {user}"
+    )
+    if not updated:
+        job.refresh_from_db()
+        _audit_job(user, AuditAction.CANCEL, job, AuditOutcome.FAILED, state=job.state)
+        raise ActionError("Only a run that has not started can be cancelled; " + _is_now(job))
+    markers.mark_revoked(job.pk)
+    _broadcast_revoke(job.pk)
+    job.refresh_from_db()
+    _audit_job(user, AuditAction.CANCEL, job)
+    return job
+
+
+TERMINATE_FOLLOWUP = "jobsite.terminate_followup"  # SIGKILL if still running after grace
+
+
+def job_terminate(*, job: Job, user, grace: int = 10) -> Job:
+    """Stop a running job: SIGTERM now, SIGKILL after ``grace`` seconds if still running."""
+    _check_control(user, job)
+    if job.state not in (JobState.STARTED, JobState.PROGRESS):
+        _audit_job(user, AuditAction.TERMINATE, job, AuditOutcome.FAILED, state=job.state)
+        raise ActionError("Only a running job can be terminated; " + _is_now(job))
+    markers.mark_revoked(job.pk)
+    _broadcast_revoke(job.pk, terminate=True, signal="SIGTERM")
+    try:
+        # By name: the task lives with the worker's tasks (jobs.tasks.maintenance).
+        current_app.send_task(TERMINATE_FOLLOWUP, args=[job.pk], countdown=grace, queue="default")
+    except BROKER_ERRORS:
+        logger.warning("Could not schedule the SIGKILL follow-up for %s", job.pk)
+    _audit_job(user, AuditAction.TERMINATE, job, grace=grace)
+    return job
+
+
+def _broadcast_revoke(task_id: str, **kwargs) -> None:
+
+    try:
+        current_app.control.revoke(task_id, **kwargs)
+    except BROKER_ERRORS as exc:
+        # The Redis marker still stops the run; only the in-memory revoke was missed.
+        logger.warning("Could not broadcast revoke of %s: %s", task_id, exc)
+
+
+def job_retry(*, job: Job, user) -> Job:
+    """A new run with the same parameters and options, linked to the original."""
+    _check_control(user, job)
+    if job.state not in RETRYABLE_STATES:
+        raise ActionError("Only a failed, cancelled or lost run can be retried; " + _is_now(job))
+    if job.job_type is None:
+        raise ActionError("This run's task is not in the catalogue, so it cannot be sent again.")
+    new = _resubmit(job=job, user=user, params=job.params, source=JobSource.RETRY)
+    _audit_job(user, AuditAction.RETRY, job, new_run=new.pk)
+    return new
+
+
+def job_rerun(*, job: Job, user, params: dict, options: dict | None = None) -> Job:
+    """A new run with edited (already validated) parameters; the lineage is kept."""
+    _check_control(user, job)
+    if job.job_type is None:
+        raise ActionError("This run's task is not in the catalogue, so it cannot be sent again.")
+    new = job_submit(
+        job_type=job.job_type,
+        params=params,
+        user=user,
+        options=options,
+        source=JobSource.RERUN,
+        parent=job,
+    )
+    _audit_job(user, AuditAction.RERUN, job, new_run=new.pk)
+    return new
+
+
+def _resubmit(*, job: Job, user, params: dict, source: str) -> Job:
+    options = {
+        "queue": job.options.get("queue"),
+        "priority": job.options.get("priority"),
+        "max_retries": job.options.get("max_retries"),
+    }
+    # An operator may retry a run of a job type they may not submit themselves.
+    return job_submit(
+        job_type=job.job_type,
+        params=params,
+        user=user,
+        options=options,
+        source=source,
+        parent=job,
+        check_permission=not user.has_perm("jobs.control_jobs"),
+    )
+
+
+def job_delete(*, job: Job, user) -> None:
+    _check_control(user, job)
+    if not job.is_finished:
+        raise ActionError("Only a finished run can be deleted; cancel it first.")
+    _audit_job(user, AuditAction.DELETE, job, task_name=job.task_name, state=job.state)
+    job.delete()
+
+
+BULK_ACTIONS = {"cancel": job_cancel, "retry": job_retry, "delete": job_delete}
+
+
+def job_bulk(*, action: str, jobs, user) -> tuple[int, list[str]]:
+    """Apply one action to many runs; returns (how many succeeded, error messages)."""
+    func = BULK_ACTIONS[action]
+    done, errors = 0, []
+    for job in jobs:
+        try:
+            func(job=job, user=user)
+        except (ActionError, PermissionDenied) as exc:
+            errors.append(f"{job.pk}: {exc}")
+        else:
+            done += 1
+    return done, errors
+
+
+def workflow_cancel(*, root: Job, user) -> tuple[list[str], list[str]]:
+    """Cancel every unfinished step (``job_cancel``); returns (cancelled ids, errors).
+
+    A step already running is not stopped (terminate it from its page); the steps
+    after it are cancelled, so the workflow goes no further.
+    """
+
+    _check_control(user, root)
+    steps = Job.objects.filter(workflow_id=root.pk).exclude(state__in=FINISHED_STATES)
+    cancelled, errors = [], []
+    for step in steps.order_by("created_at", "id"):
+        try:
+            job_cancel(job=step, user=user)
+        except (ActionError, PermissionDenied) as exc:
+            errors.append(f"{step.options.get('workflow', {}).get('label', step.pk)}: {exc}")
+        else:
+            cancelled.append(step.pk)
+    audit_record(
+        actor=user, action=AuditAction.CANCEL, target_type="workflow", target_id=root.pk,
+        target_repr=root.options.get("workflow", {}).get("title", ""),
+        details={"cancelled": cancelled, "not_cancelled": errors},
+    )  # fmt: skip
+    return cancelled, errors

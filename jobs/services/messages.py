@@ -1,0 +1,134 @@
+"""What a run becomes on the wire: its options, its message, and the broker breaker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timedelta
+
+from celery import current_app
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.utils import timezone
+
+from jobs import routing, specs
+from jobs.models import (
+    Job,
+    JobType,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _check_size(params: dict) -> None:
+    size = len(json.dumps(params).encode())
+    limit = settings.JOBSITE_MAX_PARAMS_BYTES
+    if size > limit:
+        raise ValidationError(
+            f"The parameters are {size:,} bytes; the limit is {limit:,} bytes.", code="too_large"
+        )
+
+
+def _effective_options(job_type: JobType, given: dict) -> dict:
+    """The job type's defaults, overridden by what the submitter chose (already validated)."""
+    now = timezone.now()
+
+    def pick(name, default):
+        value = given.get(name)
+        return default if value is None or value == "" else value
+
+    options = {
+        "queue": pick("queue", job_type.queue),
+        "priority": pick("priority", job_type.priority),
+        "max_retries": pick("max_retries", job_type.max_retries),
+        "retry_backoff": job_type.retry_backoff,
+        "retry_backoff_max": job_type.retry_backoff_max,
+        "soft_time_limit": job_type.soft_time_limit,
+        "time_limit": job_type.time_limit,
+        "idempotency_key": given.get("idempotency_key"),
+    }
+    run_at: datetime | None = given.get("run_at")
+    countdown = pick("countdown", job_type.countdown)
+    if run_at:
+        options["eta"] = run_at.isoformat()
+    elif countdown:
+        options["eta"] = (now + timedelta(seconds=countdown)).isoformat()
+    expires = pick("expires", job_type.expires)
+    if expires:
+        start = run_at or now + timedelta(seconds=countdown or 0)
+        options["expires_at"] = (start + timedelta(seconds=expires)).isoformat()
+    return options
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+class _BrokerBreaker:
+    """After a failed publish, skip publishing for a few seconds (per process).
+
+    A dead broker then costs one bounded attempt, not one per request: the runs are
+    stored unsent and the relay sends them when the broker is back.
+    """
+
+    def __init__(self, pause: float = 5.0) -> None:
+        self.pause = pause
+        self.open_until = 0.0
+
+    def allows(self) -> bool:
+        return time.monotonic() >= self.open_until
+
+    def tripped(self) -> None:
+        self.open_until = time.monotonic() + self.pause
+
+    def reset(self) -> None:
+        self.open_until = 0.0
+
+
+broker_breaker = _BrokerBreaker()
+
+
+def message_options(*, job_type: JobType, params: dict, options: dict) -> dict:
+    """What a run's job type declares about its messages, stored in Job.options.
+
+    Its route (exchange, type, routing key, headers and the queues it reaches), rate
+    limit, compression and serializer: shown on the run's page. Raises ValidationError
+    for a route the broker cannot deliver (headers on Redis, or no queue bound).
+    """
+
+    conf = current_app.conf
+    spec = specs.get(job_type.name)
+    extra = {"serializer": conf.task_serializer, "compression": conf.task_compression}
+    if spec is None:
+        return extra
+    if spec.route:
+        extra.update(routing.route_options(spec.route, params, conf.broker_url))
+    else:
+        # Celery publishes direct routes through the AMQP default exchange ("").
+        extra.update(exchange="", exchange_type="direct", routing_key=options["queue"])
+    for name in ("rate_limit", "compression"):
+        if spec.task_options.get(name):
+            extra[name] = spec.task_options[name]
+    return extra
+
+
+def message_kwargs(*, job: Job, headers: dict) -> dict:
+    """``send_task`` routing arguments for a stored run (queue or exchange + key)."""
+
+    options = job.options
+    kwargs = {
+        # The setting, not the task class's copy of it (taken when the task was bound).
+        "serializer": current_app.conf.task_serializer,
+        "priority": routing.wire_priority(job.priority, current_app.conf.broker_url),
+        "headers": {**headers, **options.get("route_headers", {})},
+    }
+    if options.get("route"):
+        kwargs.update(routing.publish_kwargs(options))
+    else:
+        kwargs["queue"] = job.queue or None
+        # A schedule may name its exchange and routing key (django-celery-beat fields).
+        kwargs.update({k: options[k] for k in ("exchange", "routing_key") if options.get(k)})
+    if options.get("compression"):
+        kwargs["compression"] = options["compression"]
+    return kwargs

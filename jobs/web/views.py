@@ -1,0 +1,366 @@
+"""Pages: history, submit, run detail (live), result download, health check.
+
+Login is required by LoginRequiredMiddleware; the only public URL is /healthz.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_not_required, permission_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, QueryDict
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from jobs import routing, selectors, services, specs, workflows
+from jobs.forms import SubmitOptionsForm
+from jobs.models import JobType
+from jobs.selectors import broker
+from jobs.selectors import workers as worker_info
+from jobs.web.forms import WorkerActionForm
+
+
+@login_not_required
+@require_GET
+def healthz(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("ok", content_type="text/plain")
+
+
+@require_GET
+def history(request: HttpRequest) -> HttpResponse:
+    job_filter, queryset = selectors.job_list(user=request.user, filters=request.GET)
+    try:
+        page = selectors.job_page(
+            queryset, cursor=request.GET.get("cursor"), size=settings.JOBSITE_PAGE_SIZE
+        )
+    except ValueError:
+        return HttpResponse("Invalid cursor.", status=400)
+    params = request.GET.copy()
+    params.pop("cursor", None)
+    context = {
+        "filter": job_filter,
+        "page": page,
+        "filter_query": params.urlencode(),
+        "is_first_page": not request.GET.get("cursor"),
+    }
+    if request.htmx:
+        return render(request, "jobs/partials/history_rows.html", context)
+    return render(request, "jobs/history.html", context)
+
+
+@require_GET
+def submit_list(request: HttpRequest) -> HttpResponse:
+    job_types = selectors.job_types_runnable(user=request.user)
+    return render(request, "jobs/submit_list.html", {"job_types": job_types})
+
+
+@require_http_methods(["GET", "POST"])
+def submit(request: HttpRequest, name: str) -> HttpResponse:
+    job_type = get_object_or_404(JobType, name=name)
+    spec = specs.get(job_type.name)
+    if spec is None:
+        raise Http404("This job type is no longer declared in code.")
+    if not job_type.enabled:
+        raise PermissionDenied(f"“{job_type}” is disabled.")
+    if not job_type.is_runnable_by(request.user):
+        raise PermissionDenied(f"You may not run “{job_type}”.")
+
+    data = request.POST if request.method == "POST" else None
+    form = spec.form(data=data)
+    options_form = SubmitOptionsForm(data=data, job_type=job_type)
+    if request.method == "POST" and form.is_valid() and options_form.is_valid():
+        params = specs.to_json(form.cleaned_data)
+        try:
+            job = services.job_submit(
+                job_type=job_type,
+                params=params,
+                user=request.user,
+                options=options_form.cleaned_data,
+            )
+        except ValidationError as exc:
+            form.add_error(None, exc)
+        else:
+            if job.sent_at is None:
+                messages.warning(
+                    request,
+                    "Queued, waiting for the broker: it will be sent when the broker is back.",
+                )
+            else:
+                messages.success(request, f"Submitted “{job_type}”.")
+            return redirect(job)
+    status = 400 if request.method == "POST" else 200
+    context = {"job_type": job_type, "form": form, "options_form": options_form}
+    return render(request, "jobs/submit.html", context, status=status)
+
+
+@require_GET
+def detail(request: HttpRequest, job_id: str) -> HttpResponse:
+    job = selectors.job_get(user=request.user, job_id=job_id)
+    context = {
+        "job": job,
+        "params": selectors.job_params_display(job),
+        "timeline": selectors.job_timeline(job),
+        "logs": selectors.job_logs(job=job),
+        "children": selectors.job_children(job=job, user=request.user),
+        "actions": selectors.job_actions(user=request.user, job=job),
+        "audit": selectors.job_audit(job=job),
+    }
+    template = "jobs/partials/detail_live.html" if request.htmx else "jobs/detail.html"
+    return render(request, template, context)
+
+
+@require_GET
+def download(request: HttpRequest, job_id: str) -> FileResponse:
+    job = selectors.job_get(user=request.user, job_id=job_id)
+    if not job.result_file:
+        raise Http404("This run has no result file.")
+    root = Path(settings.MEDIA_ROOT).resolve()
+    path = (root / job.result_file).resolve()
+    if root not in path.parents or not path.is_file():
+        raise Http404("The result file is gone.")
+    return FileResponse(path.open("rb"), as_attachment=True, filename=path.name)
+
+
+# --- Run actions ------------------------------------------------------------------
+
+RUN_ACTIONS = {
+    "cancel": (services.job_cancel, "Cancelled."),
+    "terminate": (services.job_terminate, "Termination requested (SIGTERM, then SIGKILL)."),
+    "retry": (services.job_retry, "Retried as a new run."),
+    "delete": (services.job_delete, "Deleted."),
+}
+
+
+@require_POST
+def run_action(request: HttpRequest, job_id: str, action: str) -> HttpResponse:
+    job = selectors.job_get(user=request.user, job_id=job_id)
+    if action not in RUN_ACTIONS:
+        raise Http404("No such action.")
+    func, done_message = RUN_ACTIONS[action]
+    try:
+        result = func(job=job, user=request.user)
+    except services.ActionError as exc:
+        messages.error(request, str(exc))
+        return redirect(job)
+    messages.success(request, done_message)
+    if action == "delete":
+        return redirect("jobs-history")
+    return redirect(result if action == "retry" else job)
+
+
+@require_http_methods(["GET", "POST"])
+def rerun(request: HttpRequest, job_id: str) -> HttpResponse:
+    """The submit form, prefilled with the run's parameters; the new run links back."""
+    job = selectors.job_get(user=request.user, job_id=job_id)
+    job_type = job.job_type
+    spec = job_type.spec if job_type else None
+    if spec is None:
+        raise Http404("This run's task is not in the catalogue.")
+    if not selectors.job_can_control(user=request.user, job=job):
+        raise PermissionDenied("You may not rerun this run.")
+    data = request.POST if request.method == "POST" else None
+    form = spec.form(data=data, initial=spec.mask(job.params))
+    options_form = SubmitOptionsForm(data=data, job_type=job_type, initial=_option_initial(job))
+    if request.method == "POST" and form.is_valid() and options_form.is_valid():
+        params = selectors.unmask(spec, specs.to_json(form.cleaned_data), job.params)
+        try:
+            new = services.job_rerun(
+                job=job, user=request.user, params=params, options=options_form.cleaned_data
+            )
+        except ValidationError as exc:
+            form.add_error(None, exc)
+        else:
+            messages.success(request, "Rerun submitted.")
+            return redirect(new)
+    context = {"job_type": job_type, "form": form, "options_form": options_form, "rerun_of": job}
+    return render(request, "jobs/submit.html", context, status=400 if data else 200)
+
+
+def _option_initial(job) -> dict:
+    return {
+        key: job.options.get(key)
+        for key in ("queue", "priority", "max_retries")
+        if job.options.get(key) is not None
+    }
+
+
+# --- Bulk actions -------------------------------------------------------------------
+
+BULK_LIMIT = 1000
+
+
+@require_POST
+def bulk(request: HttpRequest) -> HttpResponse:
+    """Step 1 shows what would happen and how many runs; step 2 (confirm) does it."""
+    action = request.POST.get("action", "")
+    if action not in services.BULK_ACTIONS:
+        return HttpResponse("Choose an action: cancel, retry or delete.", status=400)
+    scope = request.POST.get("scope", "selected")
+    filters = QueryDict(request.POST.get("filter_query", ""))
+    confirmed = request.POST.get("confirmed") == "yes"
+    if scope == "filter" and not confirmed:
+        _, queryset = selectors.job_list(user=request.user, filters=filters)
+    else:
+        ids = request.POST.getlist("ids")
+        queryset = selectors.job_list(user=request.user)[1].filter(pk__in=ids)
+    queryset = selectors.jobs_controllable(queryset, user=request.user)
+    if queryset is None:
+        raise PermissionDenied("You may not act on these runs.")
+    jobs = list(queryset.order_by("-created_at", "-id")[: BULK_LIMIT + 1])
+    if len(jobs) > BULK_LIMIT:
+        messages.error(request, f"More than {BULK_LIMIT} runs match: narrow the filter first.")
+        return redirect(_history_url(filters))
+    if not jobs:
+        messages.error(request, "No runs selected.")
+        return redirect(_history_url(filters))
+    if not confirmed:
+        # The confirmation lists exactly these runs; confirming acts on them, not on
+        # whatever matches the filter a moment later.
+        context = {
+            "action": action,
+            "jobs": jobs,
+            "scope": scope,
+            "filter_query": filters.urlencode(),
+        }
+        return render(request, "jobs/bulk_confirm.html", context)
+    done, errors = services.job_bulk(action=action, jobs=jobs, user=request.user)
+    messages.success(request, f"{action.capitalize()}: {done} of {len(jobs)} runs.")
+    for error in errors[:10]:
+        messages.warning(request, error)
+    return redirect(_history_url(filters))
+
+
+def _history_url(filters: QueryDict) -> str:
+    query = filters.urlencode()
+    return reverse("jobs-history") + (f"?{query}" if query else "")
+
+
+# --- Workers and queues -------------------------------------------------------------
+
+
+@permission_required("jobs.manage_workers", raise_exception=True)
+@require_GET
+def workers(request: HttpRequest) -> HttpResponse:
+    context = {"workers": worker_info.workers_inspect(), "queues": routing.ALL_QUEUE_NAMES}
+    template = "jobs/partials/workers_table.html" if request.htmx else "jobs/workers.html"
+    return render(request, template, context)
+
+
+@permission_required("jobs.manage_workers", raise_exception=True)
+@require_POST
+def worker_action(request: HttpRequest) -> HttpResponse:
+    form = WorkerActionForm(request.POST)
+    if not form.is_valid():
+        return HttpResponse(f"Invalid worker action: {form.errors.as_text()}", status=400)
+    try:
+        replies = services.worker_control(user=request.user, **form.cleaned_data)
+    except services.ActionError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"{form.cleaned_data['action']}: {_summarise(replies)}")
+    return redirect("jobs-workers")
+
+
+@permission_required("jobs.manage_workers", raise_exception=True)
+@require_GET
+def queues(request: HttpRequest) -> HttpResponse:
+    context = {
+        "queues": broker.queue_depths(),
+        "paused": services.queues_paused(),
+        "broker": broker.broker_kind(),
+    }
+    template = "jobs/partials/queues_table.html" if request.htmx else "jobs/queues.html"
+    return render(request, template, context)
+
+
+QUEUE_ACTIONS = {"pause": True, "resume": False}
+
+
+@permission_required("jobs.manage_workers", raise_exception=True)
+@require_POST
+def queue_action(request: HttpRequest, name: str, action: str) -> HttpResponse:
+    if name not in routing.ALL_QUEUE_NAMES:
+        raise Http404("No such queue.")
+    try:
+        if action == "purge":
+            if request.POST.get("confirm") != name:
+                messages.error(request, f"Type the queue name ({name}) to confirm the purge.")
+                return redirect("jobs-queues")
+            count = services.queue_purge(queue=name, user=request.user)
+            messages.success(request, f"Purged {count} message(s) from {name}.")
+        elif action in QUEUE_ACTIONS:
+            replies = services.queue_set_paused(
+                queue=name, paused=QUEUE_ACTIONS[action], user=request.user
+            )
+            messages.success(request, f"{action.capitalize()} {name}: {_summarise(replies)}")
+        else:
+            raise Http404("No such action.")
+    except services.ActionError as exc:
+        messages.error(request, str(exc))
+    return redirect("jobs-queues")
+
+
+def _summarise(replies: list) -> str:
+    if not replies:
+        return "no worker answered."
+    return "; ".join(f"{name}: {answer}" for reply in replies for name, answer in reply.items())
+
+
+# --- Workflows ----------------------------------------------------------------------
+
+
+@require_GET
+def workflow_list(request: HttpRequest) -> HttpResponse:
+    templates = selectors.workflow_templates_runnable(user=request.user)
+    return render(request, "jobs/workflow_list.html", {"templates": templates})
+
+
+@require_http_methods(["GET", "POST"])
+def workflow_new(request: HttpRequest, name: str) -> HttpResponse:
+    template = workflows.get(name)
+    if template is None:
+        raise Http404("No such workflow.")
+    if template not in selectors.workflow_templates_runnable(user=request.user):
+        raise PermissionDenied(f"You may not run every step of “{template.title}”.")
+    form = template.form(data=request.POST if request.method == "POST" else None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            root = services.workflow_submit(
+                workflow=template.name, params=form.cleaned_data, user=request.user
+            )
+        except ValidationError as exc:
+            form.add_error(None, exc)
+        else:
+            messages.success(request, f"Started “{template.title}”.")
+            return redirect("jobs-workflow", root.pk)
+    status = 400 if request.method == "POST" else 200
+    return render(
+        request, "jobs/workflow_new.html", {"template": template, "form": form}, status=status
+    )
+
+
+@require_GET
+def workflow_detail(request: HttpRequest, workflow_id: str) -> HttpResponse:
+    root = selectors.job_get(user=request.user, job_id=workflow_id)
+    wf = selectors.workflow_tree(job=root, user=request.user)
+    if wf is None or wf["root"].pk != root.pk:
+        raise Http404("No such workflow.")
+    context = {"wf": wf, "can_cancel": selectors.job_can_control(user=request.user, job=root)}
+    template = "jobs/partials/workflow_live.html" if request.htmx else "jobs/workflow_detail.html"
+    return render(request, template, context)
+
+
+@require_POST
+def workflow_cancel(request: HttpRequest, workflow_id: str) -> HttpResponse:
+    root = selectors.job_get(user=request.user, job_id=workflow_id)
+    if not root.options.get("workflow", {}).get("plan"):
+        raise Http404("No such workflow.")
+    cancelled, errors = services.workflow_cancel(root=root, user=request.user)
+    messages.success(request, f"Cancelled {len(cancelled)} step(s).")
+    for error in errors[:10]:
+        messages.warning(request, error)
+    return redirect("jobs-workflow", root.pk)

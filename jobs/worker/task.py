@@ -1,0 +1,188 @@
+"""The base class of catalogued tasks (JobTask), and what a running job may call.
+
+Before running: skip a cancelled run; for job types with the duplicate guard, take the
+run's Redis marker (jobs.worker.guard) and skip a second delivery of the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from celery import Task, current_task, states
+from celery.exceptions import Ignore
+from django.conf import settings
+from django.db.models import F
+from django.utils import timezone
+
+from jobs.models import Job, JobLog, JobState
+from jobs.worker import guard
+from jobs.worker.logs import log_capture
+from jobs.worker.tracking import PROGRESS_MIN_INTERVAL, record_state
+
+logger = logging.getLogger(__name__)
+guard_logger = logging.getLogger("jobsite.guard")  # not ignored by the log capture
+
+
+class JobTask(Task):
+    """Base class of catalogued tasks.
+
+    Before running: skip a cancelled run; for job types with the duplicate guard, take
+    the run's Redis marker and skip a second delivery of the same run. Retries take
+    their limits from the run's options (headers set at submit).
+    """
+
+    jobsite_guard = False  # set by catalog.job(guard=True)
+    Request = "jobs.worker.commit:JobRequest"  # successful runs' final states group-committed
+
+    def __call__(self, *args, **kwargs):
+        request = self.request
+        if request.id and not request.is_eager:
+            if self.jobsite_guard:
+                self._claim(request)
+            elif guard.is_revoked(request.id):
+                self._skip_cancelled(request.id)
+        return super().__call__(*args, **kwargs)
+
+    def _skip_cancelled(self, task_id: str):
+        # Cancelled before it started: never execute, whenever the message arrives.
+        logger.info("Run %s was cancelled before it started; skipping it", task_id)
+        # A run cancelled from Jobsite is REVOKED already; one that only its marker
+        # cancelled (beat's run sent ahead of a schedule since changed) is made so.
+        result = {"exc_type": "TaskRevokedError", "exc_message": "Cancelled before it started"}
+        record_state(task_id, states.REVOKED, result, None, self.request)
+        raise Ignore()
+
+    def _claim(self, request) -> None:
+        hostname = request.hostname or socket.gethostname()
+        claim = guard.claim(request.id, hostname)
+        if claim.outcome == "busy" and not self._holder_alive(claim, hostname):
+            claim = guard.take_over(request.id, claim.value, hostname) or claim
+            if claim.outcome == "claimed":
+                guard_logger.warning(
+                    "The worker process that was running this job died; running it again."
+                )
+        if claim.outcome == "claimed":
+            request.jobsite_claim = claim.value
+            return
+        if claim.outcome == "revoked":
+            self._skip_cancelled(request.id)
+        record_duplicate(request.id, claim)
+        raise Ignore()
+
+    def _holder_alive(self, claim, hostname: str) -> bool:
+        holder_host, instance, pid = claim.holder
+        if holder_host == hostname:
+            # Same worker name: a previous incarnation is dead (one runs at a time).
+            return instance == guard.INSTANCE and pid != os.getpid() and _pid_alive(pid)
+        try:
+            return bool(self.app.control.ping(destination=[holder_host], timeout=1.0))
+        except Exception:  # cannot ask: assume alive rather than risk running twice
+            return True
+
+    def retry(self, *args, **kwargs):
+        # Give the marker back first: the retry message may be consumed at once.
+        held = getattr(self.request, "jobsite_claim", None)
+        if held:
+            guard.release(self.request.id, held)
+            self.request.jobsite_claim = None
+        return super().retry(*args, **kwargs)
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
+        held = getattr(self.request, "jobsite_claim", None)
+        if held and status != states.RETRY:
+            guard.finish(task_id, held)
+
+    def retry_job(self, exc: Exception | None = None, *, reason: str = ""):
+        """Retry with this run's max_retries and exponential backoff with jitter.
+
+        The limits come from the run's options (headers set at submit), so an admin's
+        change to a job type's defaults applies to new runs without a worker restart.
+        """
+        request = self.request
+        max_retries = _header(request, "jobsite_max_retries", self.max_retries or 0)
+        base = _header(request, "jobsite_retry_backoff", 2)
+        cap = _header(request, "jobsite_retry_backoff_max", 600)
+        delay = min(cap, base * (2**request.retries))
+        countdown = round(random.uniform(delay / 2, delay), 3) if delay else 0
+        request.jobsite_next_retry = timezone.now() + timedelta(seconds=countdown)
+        request.jobsite_retry_reason = reason or (repr(exc) if exc else "")
+        return self.retry(exc=exc, countdown=countdown, max_retries=max_retries)
+
+
+def _header(request, name: str, default):
+    value = getattr(request, name, None)
+    if value is None:
+        value = (request.headers or {}).get(name) if getattr(request, "headers", None) else None
+    return default if value is None else value
+
+
+def report_progress(current: int, total: int, message: str = "") -> None:
+    """Called by a running job: store how far it got (throttled), and flush its logs."""
+    task = current_task
+    if task is None or not task.request.id:
+        return
+    request = task.request
+    now = time.monotonic()
+    last = getattr(request, "jobsite_progress_at", 0.0)
+    if current < total and now - last < PROGRESS_MIN_INTERVAL:
+        return
+    request.jobsite_progress_at = now
+
+    # PENDING/RECEIVED too: the STARTED write may still be in its buffer.
+    active = [JobState.PENDING, JobState.RECEIVED, JobState.STARTED, JobState.PROGRESS]
+    Job.objects.filter(pk=request.id, state__in=active).update(
+        state=JobState.PROGRESS,
+        progress_current=current,
+        progress_total=total,
+        progress_message=message[:500],
+    )
+    log_capture.flush(request.id)
+
+
+def result_file_path(filename: str) -> Path:
+    """A path under MEDIA_ROOT where the running job may write its result file.
+
+    The file is linked to the run when it finishes (downloadable from the run page).
+    """
+    request = current_task.request
+    relative = Path("results") / request.id / Path(filename).name
+    absolute = Path(settings.MEDIA_ROOT) / relative
+    absolute.parent.mkdir(parents=True, exist_ok=True)
+    request.jobsite_result_file = str(relative)
+    return absolute
+
+
+def _pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (killed, not yet reaped) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask the kernel directly
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def record_duplicate(task_id: str, claim) -> None:
+    """A second delivery of a run that is running or done: count it, log it, skip it."""
+    where = "already finished" if claim.outcome == "done" else f"running on {claim.holder[0]}"
+    logger.warning("Duplicate delivery of run %s skipped (%s)", task_id, where)
+    Job.objects.filter(pk=task_id).update(duplicates_skipped=F("duplicates_skipped") + 1)
+    if Job.objects.filter(pk=task_id).exists():
+        JobLog.objects.create(
+            job_id=task_id,
+            created_at=timezone.now(),
+            level="WARNING",
+            logger="jobsite.guard",
+            message=f"Duplicate delivery skipped: the run is {where}.",
+        )
