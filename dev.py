@@ -2,7 +2,7 @@
 """Jobsite's two commands, needing nothing but Python 3.11+ (standard library only).
 
     python3 dev.py run    # the whole system on the embedded default (SQLite + private Redis)
-    python3 dev.py test   # lint, checks and the whole test suite
+    python3 dev.py test   # lint, type check, checks and the whole test suite
 
 Both create ./.venv and install the pinned requirements into it when they change.
 """
@@ -91,6 +91,7 @@ def cmd_test(argv: list[str]) -> None:
     steps = [
         ("ruff check", [str(BIN / "ruff"), "check", "."], {}),
         ("ruff format --check", [str(BIN / "ruff"), "format", "--check", "."], {}),
+        ("mypy", [str(BIN / "mypy")], {}),
         (
             "migrations are complete",
             [str(PY), "manage.py", "makemigrations", "--check", "--dry-run"],

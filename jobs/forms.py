@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import cast
 
 from django import forms
 from django.utils import timezone
@@ -48,7 +49,7 @@ class SubmitOptionsForm(forms.Form):
         queues = job_type.spec.queues if job_type.spec else (job_type.queue,)
         if job_type.queue not in queues:
             queues = (job_type.queue, *queues)
-        self.fields["queue"].choices = [(q, q) for q in queues]
+        cast(forms.ChoiceField, self.fields["queue"]).choices = [(q, q) for q in queues]
         self.fields["queue"].initial = job_type.queue
         self.fields["priority"].initial = job_type.priority
         self.fields["countdown"].initial = job_type.countdown or None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.core.paginator import Paginator
 from django.db import connection
+from django.db.models import QuerySet
 from django.utils.functional import cached_property
 
 
@@ -16,6 +19,7 @@ class EstimatedCountPaginator(Paginator):
     """
 
     CAP = 10_000
+    object_list: QuerySet[Any]  # the admin changelist always pages a queryset
 
     @cached_property
     def count(self) -> int:

@@ -143,10 +143,10 @@ class AlertRuleAdmin(admin.ModelAdmin):
         ("Whom", {"fields": ["emails", "webhook_url", "webhook_secret", "min_interval"]}),
     ]
 
-    def get_form(self, request, obj=None, **kwargs):
+    def get_form(self, request, obj=None, change=False, **kwargs):
         # The secret is kept (render_value) but not shown on screen.
         kwargs["widgets"] = {"webhook_secret": forms.PasswordInput(render_value=True)}
-        return super().get_form(request, obj, **kwargs)
+        return super().get_form(request, obj, change, **kwargs)
 
 
 @admin.register(Alert)
@@ -169,17 +169,20 @@ class AlertAdmin(admin.ModelAdmin):
 class FastTaskResultAdmin(results_admin.TaskResultAdmin):
     """No date drill-down, no DISTINCT filters, no COUNT(*), exact-id search only."""
 
-    date_hierarchy = None
-    list_filter = ["status"]
-    search_fields = ["=task_id"]
+    # django-celery-results' admin is unannotated: mypy types its options from their
+    # values (a str, a 5-tuple), narrower than the ModelAdmin options they set.
+    date_hierarchy = None  # type: ignore[assignment]
+    list_filter = ["status"]  # type: ignore[assignment]
+    search_fields = ["=task_id"]  # type: ignore[assignment]
     show_full_result_count = False
     paginator = EstimatedCountPaginator
 
 
 class FastGroupResultAdmin(results_admin.GroupResultAdmin):
-    date_hierarchy = None
-    list_filter: list[str] = []
-    search_fields = ["=group_id"]
+    # As above: the base's options are typed from their values.
+    date_hierarchy = None  # type: ignore[assignment]
+    list_filter: list[str] = []  # type: ignore[assignment,misc]
+    search_fields = ["=group_id"]  # type: ignore[assignment]
     show_full_result_count = False
     paginator = EstimatedCountPaginator
 

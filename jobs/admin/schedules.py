@@ -11,6 +11,7 @@ sends a run with all of the schedule's options. Every write goes through service
 from __future__ import annotations
 
 import json
+from typing import cast
 
 from django import forms
 from django.contrib import admin, messages
@@ -71,7 +72,7 @@ class ScheduleForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["job_type"].queryset = _catalogued_job_types()
+        cast(forms.ModelChoiceField, self.fields["job_type"]).queryset = _catalogued_job_types()
         self.selected = self._selected_job_type()
         self.params_form = self._params_form()
         self.params_changed = False
@@ -107,7 +108,8 @@ class ScheduleForm(forms.ModelForm):
 
     def _set_job_type_defaults(self) -> None:
         job_type = self.selected
-        self.fields["queue"].choices = [(q, q) for q in _queues(job_type)] if job_type else []
+        queue_field = cast(forms.ChoiceField, self.fields["queue"])
+        queue_field.choices = [(q, q) for q in _queues(job_type)] if job_type else []
         if job_type is None or self.is_bound:
             return
         self.initial["job_type"] = job_type.pk
@@ -132,7 +134,8 @@ class ScheduleForm(forms.ModelForm):
         return json.dumps(headers)
 
     def clean(self) -> dict:
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data
         if self.selected is None:
             return data
         if self.params_form is None or not self.params_form.is_valid():
@@ -395,7 +398,9 @@ def _params_view(model_admin: ScheduleAdmin, request: HttpRequest) -> HttpRespon
     if job_type is None:
         return render(request, FRAGMENT_TEMPLATE, {"params_form": None})
     form = ScheduleForm(initial={"job_type": job_type.pk})
-    queue_select = forms.Select(choices=form.fields["queue"].choices).render(
+    # The getter gives the normalised list; django-stubs type it as the setter's input.
+    queue_choices = cast(forms.ChoiceField, form.fields["queue"]).choices
+    queue_select = forms.Select(choices=queue_choices).render(  # type: ignore[arg-type]
         "queue", job_type.queue, attrs={"id": "id_queue", "hx-swap-oob": "true"}
     )
     priority_input = forms.NumberInput().render(

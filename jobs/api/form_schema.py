@@ -61,8 +61,9 @@ def _type_of(field: forms.Field) -> dict:
 
 def _flat_choices(field: forms.ChoiceField) -> list[tuple]:
     """Choices with option groups flattened, without the empty choice of an optional field."""
-    flat = []
-    for value, label in field.choices:
+    flat: list[tuple] = []
+    # The getter gives the normalised list; django-stubs type it as the setter's input.
+    for value, label in field.choices:  # type: ignore[misc,union-attr]
         if isinstance(label, list | tuple):
             flat.extend(label)
         else:
@@ -80,6 +81,8 @@ def _bounds(field: forms.Field) -> dict:
     }
     bounds = {}
     for validator in field.validators:
+        if not isinstance(validator, validators.BaseValidator):
+            continue
         key = keys.get(type(validator))
         if key and not callable(validator.limit_value):
             bounds[key] = _json_value(validator.limit_value)

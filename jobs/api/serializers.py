@@ -8,6 +8,7 @@ Secret parameters are masked (``JobSpec.mask``) wherever parameters are output.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
@@ -17,7 +18,7 @@ from rest_framework import serializers
 from jobs import specs
 from jobs.api.form_schema import form_json_schema
 from jobs.forms import SubmitOptionsForm
-from jobs.models import Job, JobSource, JobState
+from jobs.models import Job, JobSource, JobState, JobType
 
 
 def masked(job_type_name: str | None, params: dict) -> dict:
@@ -40,10 +41,14 @@ class RunSerializer(serializers.ModelSerializer):
 
     url = serializers.SerializerMethodField()
     web_url = serializers.SerializerMethodField()
-    job_type = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+    job_type: serializers.SlugRelatedField[JobType] = serializers.SlugRelatedField(
+        slug_field="name", read_only=True, allow_null=True
+    )
     state = serializers.ChoiceField(choices=JobState.choices, read_only=True)
-    source = serializers.ChoiceField(choices=JobSource.choices, read_only=True)
-    submitted_by = serializers.SlugRelatedField(
+    # The serializer's metaclass takes declared fields off the class, so this field does
+    # not replace Field.source; the stubs cannot tell.
+    source = serializers.ChoiceField(choices=JobSource.choices, read_only=True)  # type: ignore[assignment]
+    submitted_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
         slug_field="username", read_only=True, allow_null=True
     )
     params = serializers.SerializerMethodField()

@@ -142,6 +142,7 @@ class RunListView(APIView):
         errors = {"params": param_errors, "options": option_errors}
         if param_errors or option_errors:
             raise exceptions.ValidationError({k: v for k, v in errors.items() if v})
+        assert params is not None  # _clean_params gives params or errors
         # A run created before this request is the one its idempotency key named.
         started = timezone.now()
         try:

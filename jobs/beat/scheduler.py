@@ -93,6 +93,7 @@ class JobsiteScheduler(DatabaseScheduler):
     # schedules changed on every tick made beat seconds late: at most once per this
     # many seconds instead (far within the lock's TTL).
     check_every = 1.0
+    _heap_invalidated: bool  # DatabaseScheduler's: set when it reloads the schedule
 
     def __init__(self, *args, **kwargs) -> None:
         self.lock_ttl: int = settings.JOBSITE_BEAT_LOCK_TTL
@@ -347,7 +348,8 @@ class JobsiteScheduler(DatabaseScheduler):
         # read it afresh, last run times included. (Read at start-up, it is fresh.)
         if self._role == "standby":
             self._schedule = self.all_as_schedule()
-            self._heap = None
+            # None is Celery's own "rebuild the heap" (Scheduler.__init__); the stubs omit it.
+            self._heap = None  # type: ignore[assignment]
         self._role = "active"
 
     def _become_standby(self) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import django_filters
-from django.db.models import Q, TextField
+from django.db.models import Q, QuerySet, TextField
 from django.db.models.functions import Cast
 from django.http import Http404
 
@@ -83,7 +83,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ValueError("Invalid cursor") from exc
 
 
-def job_list(*, user, filters: dict | None = None) -> tuple[JobFilter, object]:
+def job_list(*, user, filters: dict | None = None) -> tuple[JobFilter, QuerySet[Job]]:
     """The runs the user may see, filtered; returns the bound filter and its queryset."""
     base = Job.objects.visible_to(user).select_related("job_type", "submitted_by")
     job_filter = JobFilter(filters or {}, queryset=base)
@@ -252,7 +252,7 @@ def workflow_tree(*, job: Job, user) -> dict | None:
     visible = Job.objects.visible_to(user)
     root = job if job.pk == root_id else visible.filter(pk=root_id).first()
     plan = (root.options or {}).get("workflow", {}).get("plan") if root else None
-    if not plan:
+    if root is None or not plan:
         return None
     runs = {r.pk: r for r in visible.filter(workflow_id=root_id).select_related("job_type")}
     planned = set()

@@ -180,15 +180,18 @@ def crontab_next_runs(
 
 
 def _day_times(cron: celery_schedules.crontab) -> list[time]:
-    return [time(hour, minute) for hour in sorted(cron.hour) for minute in sorted(cron.minute)]
+    # crontab's expanded sets (hour, minute, ...) are set in its __init__; celery-types omit them.
+    hours, minutes = cron.hour, cron.minute  # type: ignore[attr-defined]
+    return [time(hour, minute) for hour in sorted(hours) for minute in sorted(minutes)]
 
 
 def _day_matches(cron: celery_schedules.crontab, day: date) -> bool:
     cron_weekday = (day.weekday() + 1) % 7  # cron counts from Sunday = 0
+    # As in _day_times: the stubs omit crontab's expanded sets.
     return (
-        day.month in cron.month_of_year
-        and day.day in cron.day_of_month
-        and cron_weekday in cron.day_of_week
+        day.month in cron.month_of_year  # type: ignore[attr-defined]
+        and day.day in cron.day_of_month  # type: ignore[attr-defined]
+        and cron_weekday in cron.day_of_week  # type: ignore[attr-defined]
     )
 
 

@@ -20,6 +20,7 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
 from django.core.cache import cache
 from django.db import connection
@@ -293,7 +294,10 @@ class SystemStatus:
 
 def system_status() -> SystemStatus:
     """Workers online, queue depths and beat's heartbeat; the same for every user."""
-    return cache.get_or_set("jobsite:stats:system", _system_status, CACHE_SECONDS)
+    # None only for a None default; this one always gives a SystemStatus.
+    return cast(
+        SystemStatus, cache.get_or_set("jobsite:stats:system", _system_status, CACHE_SECONDS)
+    )
 
 
 def _system_status() -> SystemStatus:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery import current_app
 
@@ -57,7 +59,7 @@ def workers_inspect(timeout: float = INSPECT_TIMEOUT) -> list[WorkerInfo]:
     return [_info(name, stat, answers) for name, stat in sorted(stats.items())]
 
 
-def _info(name: str, stat: dict, answers: dict) -> WorkerInfo:
+def _info(name: str, stat: Mapping[str, Any], answers: dict) -> WorkerInfo:
     pool = stat.get("pool") or {}
     return WorkerInfo(
         name=name,

@@ -110,7 +110,7 @@ def _check_failures(rules: list[AlertRule], now: datetime, result: CheckResult) 
                     now=now,
                 )
         # Moved after each run: a crash part-way never alerts the earlier runs twice.
-        client.set(MARK_KEY, json.dumps([job.finished_at.isoformat(), job.pk]))
+        client.set(MARK_KEY, json.dumps([_iso(job.finished_at), job.pk]))
 
 
 def _failures_since_mark(now: datetime) -> list[Job]:
@@ -174,6 +174,7 @@ def _check_schedules(rules: list[AlertRule], now: datetime, result: CheckResult)
         late = _lateness(task, now)
         if not _incident_begins(f"schedule:{task.pk}", late is not None and late > grace):
             continue
+        assert late is not None  # an incident begins only while it is late
         subject = (
             f"[Jobsite] Schedule “{task.name}” missed its run ({int(late.total_seconds())} s late)"
         )
@@ -241,7 +242,9 @@ def _silent_since(name: str, silent: bool) -> datetime | None:
         client.delete(SILENT_KEY + name)
         return None
     client.set(SILENT_KEY + name, f"{time.time():.3f}", nx=True, ex=INCIDENT_TTL)
-    return datetime.fromtimestamp(float(client.get(SILENT_KEY + name)), tz=UTC)
+    since = client.get(SILENT_KEY + name)
+    assert since is not None  # set just above (or kept from the first sighting)
+    return datetime.fromtimestamp(float(since), tz=UTC)
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -120,6 +120,7 @@ def job_rerun(*, job: Job, user, params: dict, options: dict | None = None) -> J
 
 
 def _resubmit(*, job: Job, user, params: dict, source: str) -> Job:
+    assert job.job_type is not None  # the caller refused a run without one
     options = {
         "queue": job.options.get("queue"),
         "priority": job.options.get("priority"),

@@ -9,7 +9,7 @@ from celery import current_app
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
-from kombu.exceptions import BatchPublishError
+from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # kombu-stubs lack it
 
 from jobs import specs
 from jobs.models import (
@@ -189,9 +189,9 @@ def job_submit_many(
         AuditEntry(
             actor=user, actor_name=user.username, action=AuditAction.SUBMIT, target_type="run",
             target_id=job.pk, target_repr=str(job.job_type)[:300],
-            details={"params": job_type_masked(job.job_type, job.params), "source": source},
+            details={"params": job_type_masked(job_type, job.params), "source": source},
         )
-        for job in jobs
+        for job, (job_type, _, _) in zip(jobs, items, strict=True)
     ]  # fmt: skip
     with transaction.atomic():
         Job.objects.bulk_create(jobs)

@@ -61,7 +61,9 @@ def schedule_set_enabled(*, schedules, enabled: bool, user) -> int:
     targets = list(schedules)
     # As PeriodicTask.save(): a disabled schedule forgets its last run, so that once
     # enabled again it counts from then instead of catching up.
-    fields = {"enabled": True} if enabled else {"enabled": False, "last_run_at": None}
+    fields: dict[str, bool | None] = (
+        {"enabled": True} if enabled else {"enabled": False, "last_run_at": None}
+    )
     action = AuditAction.SCHEDULE_ENABLE if enabled else AuditAction.SCHEDULE_DISABLE
     with transaction.atomic():
         count = PeriodicTask.objects.filter(pk__in=[s.pk for s in targets]).update(**fields)
@@ -117,7 +119,7 @@ def schedule_run_now(*, schedule, user) -> Job:
 def _schedule_job_type_and_params(schedule) -> tuple[JobType, dict]:
     spec = specs.by_task_name(schedule.task)
     job_type = JobType.objects.filter(name=spec.name).first() if spec else None
-    if job_type is None:
+    if spec is None or job_type is None:
         raise ActionError(f"“{schedule.name}” runs {schedule.task}, which is not in the catalogue.")
     if not job_type.enabled:
         raise ActionError(f"“{job_type}” is disabled.")

@@ -75,7 +75,9 @@ def _workflow_jobs(plan: dict, user) -> list[Job]:
     jobs = []
     for node in nodes:
         job_type = job_types[node["job_type"]]
-        params, errors = specs.get(job_type.name).clean_params(node.pop("params"))
+        spec = specs.get(job_type.name)
+        assert spec is not None  # _workflow_job_types refused any not in the catalogue
+        params, errors = spec.clean_params(node.pop("params"))
         if params is None:
             raise ValidationError(f"Step “{node['label']}” is invalid: {errors}", code="invalid")
         _check_size(params)

@@ -90,7 +90,8 @@ class FlakyParams(forms.Form):
     )
 
     def clean(self):
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data
         if data.get("mode") == "until" and not data.get("fail_until"):
             self.add_error("fail_until", "Give the time until which the job fails.")
         return data

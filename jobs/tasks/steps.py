@@ -29,7 +29,8 @@ class PrimesRangeParams(forms.Form):
     high = forms.IntegerField(label="Below", min_value=1, max_value=200_000_000, initial=1_000_000)
 
     def clean(self):
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data
         low, high = data.get("low"), data.get("high")
         if low is not None and high is not None and low >= high:
             self.add_error("high", "Must be greater than “From”.")

@@ -24,7 +24,8 @@ class WorkerActionForm(forms.Form):
     n = forms.IntegerField(min_value=1, max_value=16, required=False, initial=1)
 
     def clean(self):
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data
         if data.get("action", "").startswith("consumer_") and not data.get("queue"):
             raise forms.ValidationError("Choose a queue.")
         if data.get("action") == "shutdown" and self.data.get("confirm") != data.get("worker"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from datetime import timedelta
+from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
@@ -60,7 +61,10 @@ def _database_figures() -> dict:
 
 class JobsiteCollector:
     def collect(self):
-        figures = cache.get_or_set("jobsite:metrics:db", _database_figures, CACHE_SECONDS)
+        figures = cast(
+            dict[str, Any],
+            cache.get_or_set("jobsite:metrics:db", _database_figures, CACHE_SECONDS),
+        )
         names = figures["names"]
         yield self._runs(figures["runs"], names)
         yield self._durations(figures["histogram"], names)

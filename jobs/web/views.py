@@ -5,7 +5,9 @@ Login is required by LoginRequiredMiddleware; the only public URL is /healthz.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.contrib import messages
@@ -15,6 +17,7 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse, QueryD
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.middleware import HtmxDetails
 
 from jobs import routing, selectors, services, specs, workflows
 from jobs.forms import SubmitOptionsForm
@@ -24,6 +27,12 @@ from jobs.selectors import workers as worker_info
 from jobs.web.forms import WorkerActionForm
 
 
+class HtmxHttpRequest(HttpRequest):
+    """A request that passed django-htmx's middleware (its documented type for checkers)."""
+
+    htmx: HtmxDetails
+
+
 @login_not_required
 @require_GET
 def healthz(request: HttpRequest) -> HttpResponse:
@@ -31,7 +40,7 @@ def healthz(request: HttpRequest) -> HttpResponse:
 
 
 @require_GET
-def history(request: HttpRequest) -> HttpResponse:
+def history(request: HtmxHttpRequest) -> HttpResponse:
     job_filter, queryset = selectors.job_list(user=request.user, filters=request.GET)
     try:
         page = selectors.job_page(
@@ -98,7 +107,7 @@ def submit(request: HttpRequest, name: str) -> HttpResponse:
 
 
 @require_GET
-def detail(request: HttpRequest, job_id: str) -> HttpResponse:
+def detail(request: HtmxHttpRequest, job_id: str) -> HttpResponse:
     job = selectors.job_get(user=request.user, job_id=job_id)
     context = {
         "job": job,
@@ -127,7 +136,7 @@ def download(request: HttpRequest, job_id: str) -> FileResponse:
 
 # --- Run actions ------------------------------------------------------------------
 
-RUN_ACTIONS = {
+RUN_ACTIONS: dict[str, tuple[Callable[..., Any], str]] = {
     "cancel": (services.job_cancel, "Cancelled."),
     "terminate": (services.job_terminate, "Termination requested (SIGTERM, then SIGKILL)."),
     "retry": (services.job_retry, "Retried as a new run."),
@@ -244,7 +253,7 @@ def _history_url(filters: QueryDict) -> str:
 
 @permission_required("jobs.manage_workers", raise_exception=True)
 @require_GET
-def workers(request: HttpRequest) -> HttpResponse:
+def workers(request: HtmxHttpRequest) -> HttpResponse:
     context = {"workers": worker_info.workers_inspect(), "queues": routing.ALL_QUEUE_NAMES}
     template = "jobs/partials/workers_table.html" if request.htmx else "jobs/workers.html"
     return render(request, template, context)
@@ -267,7 +276,7 @@ def worker_action(request: HttpRequest) -> HttpResponse:
 
 @permission_required("jobs.manage_workers", raise_exception=True)
 @require_GET
-def queues(request: HttpRequest) -> HttpResponse:
+def queues(request: HtmxHttpRequest) -> HttpResponse:
     context = {
         "queues": broker.queue_depths(),
         "paused": services.queues_paused(),
@@ -344,7 +353,7 @@ def workflow_new(request: HttpRequest, name: str) -> HttpResponse:
 
 
 @require_GET
-def workflow_detail(request: HttpRequest, workflow_id: str) -> HttpResponse:
+def workflow_detail(request: HtmxHttpRequest, workflow_id: str) -> HttpResponse:
     root = selectors.job_get(user=request.user, job_id=workflow_id)
     wf = selectors.workflow_tree(job=root, user=request.user)
     if wf is None or wf["root"].pk != root.pk:

@@ -16,7 +16,7 @@ from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 from django_celery_results.backends.database import DatabaseBackend
 from django_celery_results.managers import TaskResultManager
-from django_celery_results.models import ChordCounter, TaskResult
+from django_celery_results.models import ChordCounter, TaskResult  # type: ignore[attr-defined]
 
 from jobs.models import Job
 from jobs.worker import buffer, tracking
@@ -27,8 +27,10 @@ _UPSERT_FIELDS = [
 ]  # fmt: skip
 
 
+# celery-types' stubs of django-celery-results predate ChordCounter (imported above) and
+# store_result's periodic_task_name and worker arguments: hence the two type ignores.
 class UpsertingTaskResultManager(TaskResultManager):
-    def store_result(self, content_type, content_encoding, task_id, result, status,
+    def store_result(self, content_type, content_encoding, task_id, result, status,  # type: ignore[override]
                      traceback=None, meta=None, periodic_task_name=None, task_name=None,
                      task_args=None, task_kwargs=None, worker=None, using=None,
                      **kwargs):  # fmt: skip

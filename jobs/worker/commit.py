@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime
+from typing import cast
 
 from celery import current_app as app
 from celery.app.task import Context
@@ -61,10 +62,11 @@ class JobRequest(Request):
         super().__init__(*args, **kwargs)
         committer = _committer
         if committer is not None and committer.accepting and self._deferrable():
-            self._request_dict["jobsite_defer"] = True
+            # Request's own message dict and payload: internals its stubs do not list.
+            self._request_dict["jobsite_defer"] = True  # type: ignore[attr-defined]
             # Celery builds a subclass per task type whose on_success is its own; an
             # instance attribute comes first, and hands over to it.
-            self.on_success = self._on_success_deferring
+            self.on_success = self._on_success_deferring  # type: ignore[method-assign]
 
     def _deferrable(self) -> bool:
         task = self.task
@@ -72,12 +74,12 @@ class JobRequest(Request):
             return False
         if self.type.startswith(tracking.MAINTENANCE_PREFIX):
             return False
-        headers = self._request_dict
+        headers = self._request_dict  # type: ignore[attr-defined]
         if headers.get("jobsite_max_retries") is None:  # not submitted by Jobsite
             return False
         if headers.get("group") or headers.get("chord"):
             return False
-        _, _, embed = self._payload
+        _, _, embed = self._payload  # type: ignore[attr-defined]
         steps = ("callbacks", "errbacks", "chain", "chord")
         return not any((embed or {}).get(key) for key in steps)
 
@@ -333,7 +335,7 @@ class GroupCommit:
 
 def store(batch: list[tuple]) -> None:
     """One statement for the batch's runs, in autocommit: durable when it returns."""
-    result_backend = app.backend
+    result_backend = cast(backend.JobResultBackend, app.backend)  # CELERY_RESULT_BACKEND
     rows: dict[str, dict] = {}
     for request, retval, started, finished, _ in batch:
         context = Context(request.request_dict)  # with args, kwargs, hostname
@@ -382,12 +384,13 @@ def redis_acks_pipelined(channel):
         yield  # not Redis, or a channel a reconnect closed: each ack finds its own way
         return
     with qos.pipe_or_acquire() as pipe:
-        add = qos._remove_from_indices
-        qos._remove_from_indices = lambda tag, _pipe=None: (add(tag, pipe), _Queued())[1]
+        # kombu's Redis QoS internal (not in its stubs), patched on purpose for the batch.
+        add = qos._remove_from_indices  # type: ignore[attr-defined]
+        qos._remove_from_indices = lambda tag, _pipe=None: (add(tag, pipe), _Queued())[1]  # type: ignore[attr-defined]
         try:
             yield
         finally:
-            del qos._remove_from_indices  # back to the class's own
+            del qos._remove_from_indices  # type: ignore[attr-defined]  # back to the class's own
             try:
                 pipe.execute()
             except Exception as exc:

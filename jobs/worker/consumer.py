@@ -56,7 +56,8 @@ class JobsiteConsumer(Consumer):
             if size > limit:
                 logger.error("Rejected a %d-byte message (limit %d)", size, limit)
                 record_rejected(message, f"message of {size} bytes exceeds {limit}")
-                message.reject_log_error(logger, self.connection_errors)
+                # Set in Consumer.__init__; celery-types do not list it.
+                message.reject_log_error(logger, self.connection_errors)  # type: ignore[attr-defined]
                 return None
             return handle(message)
 
@@ -69,7 +70,8 @@ class JobsiteConsumer(Consumer):
         if commit.acking():
             p(*args, **kwargs)
             return p
-        return super().call_soon_ack(p, *args, **kwargs)
+        # Consumer.call_soon_ack exists (Celery 5.5+); celery-types do not list it.
+        return super().call_soon_ack(p, *args, **kwargs)  # type: ignore[misc]
 
     def _safe_ack(self, message, task_id: str | None):
         """Acknowledge, also when the message's channel died with a Redis connection.
@@ -97,7 +99,8 @@ class JobsiteConsumer(Consumer):
     def _ack_on_current_connection(self, message) -> None:
         tag = message.delivery_tag
         try:
-            qos = self.connection.default_channel.qos
+            # kombu's Redis channel has qos; a None connection fails into the except.
+            qos = self.connection.default_channel.qos  # type: ignore[union-attr]
             qos._remove_from_indices(tag).execute()  # kombu's Redis QoS.ack, minus the channel
         except Exception as exc:  # it comes back after the visibility timeout instead
             logger.warning("Could not acknowledge %s after a reconnect: %s", tag, exc)
@@ -148,5 +151,5 @@ class JobsiteConsumer(Consumer):
                     logger.warning("Broken broker connection not closed cleanly: %s", error)
                     return None
 
-            connection.close = safe_close
+            connection.close = safe_close  # type: ignore[method-assign]  # on purpose, see above
         return super().on_connection_error_after_connected(exc)

@@ -33,6 +33,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 from django.conf import settings
@@ -135,6 +136,7 @@ class RevokedRuns:
             self._drop()
             self._subscribe()
         pubsub = self._pubsub
+        assert pubsub is not None  # _subscribe() set it, or raised
         if time.monotonic() - self._confirmed > CONFIRM_EVERY:
             pubsub.ping()
             self._read(pubsub, until="pong")
@@ -308,7 +310,7 @@ def claim(task_id: str, hostname: str) -> Claim:
         return Claim("revoked")
     if current == markers.DONE:
         return Claim("done")
-    return Claim("busy", current)
+    return Claim("busy", cast(bytes, current))  # client() never decodes responses
 
 
 def take_over(task_id: str, seen: bytes, hostname: str) -> Claim | None:

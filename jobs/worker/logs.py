@@ -61,7 +61,7 @@ class JobLogCapture(logging.Handler):
         # Longest first, so a secret containing another is masked whole.
         self.secrets[task_id] = sorted((s for s in secrets or () if s), key=len, reverse=True)
 
-    def flush(self, task_id: str | None = None) -> None:  # type: ignore[override]
+    def flush(self, task_id: str | None = None) -> None:
         if task_id is None or not self.buffers.get(task_id):
             return
 

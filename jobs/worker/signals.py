@@ -33,7 +33,8 @@ def on_task_prerun(sender=None, task_id=None, task=None, kwargs=None, **extra) -
         if _closed_by_server(connection.connection):
             connection.close()  # the run's first query connects afresh
         else:
-            connection.health_check_done = True
+            # Django's own flag (BaseDatabaseWrapper.__init__); django-stubs omit it.
+            connection.health_check_done = True  # type: ignore[attr-defined]
     secrets = logs.secret_values(task.name, kwargs) if task is not None else []
     logs.log_capture.start(task_id, secrets)
 

@@ -89,8 +89,10 @@ class JobTask(Task):
         # Give the marker back first: the retry message may be consumed at once.
         held = getattr(self.request, "jobsite_claim", None)
         if held:
+            assert self.request.id is not None  # a claim is only taken for a run's id
             guard.release(self.request.id, held)
-            self.request.jobsite_claim = None
+            # Celery's Context takes any attribute; its stubs list only Celery's own.
+            self.request.jobsite_claim = None  # type: ignore[attr-defined]
         return super().retry(*args, **kwargs)
 
     def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
@@ -110,8 +112,9 @@ class JobTask(Task):
         cap = _header(request, "jobsite_retry_backoff_max", 600)
         delay = min(cap, base * (2**request.retries))
         countdown = round(random.uniform(delay / 2, delay), 3) if delay else 0
-        request.jobsite_next_retry = timezone.now() + timedelta(seconds=countdown)
-        request.jobsite_retry_reason = reason or (repr(exc) if exc else "")
+        # Celery's Context takes any attribute; its stubs list only Celery's own.
+        request.jobsite_next_retry = timezone.now() + timedelta(seconds=countdown)  # type: ignore[attr-defined]
+        request.jobsite_retry_reason = reason or (repr(exc) if exc else "")  # type: ignore[attr-defined]
         return self.retry(exc=exc, countdown=countdown, max_retries=max_retries)
 
 
@@ -132,7 +135,7 @@ def report_progress(current: int, total: int, message: str = "") -> None:
     last = getattr(request, "jobsite_progress_at", 0.0)
     if current < total and now - last < PROGRESS_MIN_INTERVAL:
         return
-    request.jobsite_progress_at = now
+    request.jobsite_progress_at = now  # type: ignore[attr-defined]  # Context takes any attribute
 
     # PENDING/RECEIVED too: the STARTED write may still be in its buffer.
     active = [JobState.PENDING, JobState.RECEIVED, JobState.STARTED, JobState.PROGRESS]
@@ -151,10 +154,11 @@ def result_file_path(filename: str) -> Path:
     The file is linked to the run when it finishes (downloadable from the run page).
     """
     request = current_task.request
+    assert request.id is not None  # called by a running job
     relative = Path("results") / request.id / Path(filename).name
     absolute = Path(settings.MEDIA_ROOT) / relative
     absolute.parent.mkdir(parents=True, exist_ok=True)
-    request.jobsite_result_file = str(relative)
+    request.jobsite_result_file = str(relative)  # type: ignore[attr-defined]  # as above
     return absolute
 
 
