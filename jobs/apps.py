@@ -1,6 +1,9 @@
 from django.apps import AppConfig
 from django.db.models.signals import post_migrate
 
+# The defaults of the JOBSITE_* settings, before any module of the app reads them.
+from jobs import conf  # noqa: F401
+
 
 class JobsConfig(AppConfig):
     name = "jobs"
@@ -8,20 +11,18 @@ class JobsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from celery import signals
+        # Imported here: apps.py is loaded before the app registry is ready.
+        from django.conf import settings
+        from django.utils.module_loading import autodiscover_modules
 
-        from jobs import tasks  # noqa: F401  (declares the catalogue)
-        from jobs.worker import signals as handlers
+        from jobs import (
+            checks,  # noqa: F401  (registers the system checks)
+            tasks,  # noqa: F401  (Jobsite's own job types and tasks)
+        )
 
+        # Every installed app's job types, as Celery's autodiscover_tasks finds tasks.
+        autodiscover_modules(*settings.JOBSITE_CATALOG_MODULES)
         post_migrate.connect(_sync_catalog, sender=self)
-        signals.task_received.connect(handlers.on_task_received, weak=False)
-        signals.task_prerun.connect(handlers.on_task_prerun, weak=False)
-        signals.task_postrun.connect(handlers.on_task_postrun, weak=False)
-        signals.worker_process_init.connect(handlers.on_worker_process_init, weak=False)
-        signals.worker_init.connect(handlers.on_worker_init, weak=False)
-        signals.worker_ready.connect(handlers.on_worker_ready, weak=False)
-        signals.worker_process_shutdown.connect(handlers.on_worker_shutdown, weak=False)
-        signals.worker_shutdown.connect(handlers.on_worker_shutdown, weak=False)
 
 
 def _sync_catalog(sender, **kwargs) -> None:

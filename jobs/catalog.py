@@ -5,8 +5,13 @@ A job type is declared next to its task, in code:
     @catalog.job(form=SendMailForm, title="Send mail", queue="default")
     def send_mail(self, *, to, subject, body): ...
 
-The decorator makes a Celery task (named ``jobs.<function name>``, bound, on the
-JobTask base class) and registers a JobSpec (jobs.specs). On migrate, the declarations
+The decorator makes a Celery task (bound, on the JobTask base class) and registers a
+JobSpec (jobs.specs). The task keeps its own name: Celery's (``<module>.<function>``,
+e.g. ``billing.tasks.send_invoice``) or an explicit ``name=``; the job type is named
+after the function unless ``job_type=`` says otherwise. It works in any installed app's
+``tasks`` module (JOBSITE_CATALOG_MODULES), discovered at startup as Celery discovers
+tasks. ``catalog.remote(...)`` declares a job type whose task lives in another
+codebase's workers: it is sent by name and never imported. On migrate, the declarations
 are mirrored into the JobType table (services.jobtypes_sync), where staff edit
 defaults and permissions. Only tasks declared here can ever be sent from a form, the
 API or a schedule: no user types a task name.
@@ -22,13 +27,25 @@ from django import forms
 from jobs.specs import MASK, JobSpec, all_specs, by_task_name, get, register, to_json
 from jobs.worker.task import JobTask
 
-__all__ = ["MASK", "JobSpec", "all_specs", "by_task_name", "get", "job", "register", "to_json"]
+__all__ = [
+    "MASK",
+    "JobSpec",
+    "all_specs",
+    "by_task_name",
+    "get",
+    "job",
+    "register",
+    "remote",
+    "to_json",
+]
 
 
 def job(
     *,
     form: type[forms.Form],
     title: str,
+    name: str | None = None,
+    job_type: str | None = None,
     description: str = "",
     queue: str = "default",
     queues: tuple[str, ...] | None = None,
@@ -46,7 +63,6 @@ def job(
     """Declare a function as a Celery task that people may run as a job type."""
 
     def decorator(func: Callable):
-        name = func.__name__
         if guard:
             # Acknowledge only after the run is recorded, requeue if the worker is lost
             # (bounded by max_retries), and let the Redis marker stop a second execution.
@@ -58,10 +74,13 @@ def job(
                 default_retry_delay=task_options.get("default_retry_delay", 2),
                 jobsite_guard=True,
             )
-        task = shared_task(name=f"jobs.{name}", bind=True, base=JobTask, **task_options)(func)
+        if name:
+            task_options["name"] = name
+        task = shared_task(bind=True, base=JobTask, **task_options)(func)
+        task_options.pop("name", None)
         register(
             JobSpec(
-                name=name,
+                name=job_type or func.__name__,
                 task_name=task.name,
                 form=form,
                 title=title,
@@ -83,3 +102,50 @@ def job(
         return task
 
     return decorator
+
+
+def remote(
+    task_name: str,
+    *,
+    form: type[forms.Form],
+    title: str,
+    job_type: str | None = None,
+    description: str = "",
+    queue: str = "default",
+    priority: int = 5,
+    max_retries: int = 0,
+    retry_backoff: int = 2,
+    soft_time_limit: int | None = None,
+    time_limit: int | None = None,
+    expires: int | None = None,
+    secret_fields: tuple[str, ...] = (),
+    route: str = "",
+) -> JobSpec:
+    """Declare a job type whose task runs on workers of another codebase.
+
+    Jobsite validates its parameters with ``form``, sends it by name (``send_task``) and
+    never imports it. Its run's state is what those workers store: through Jobsite's
+    result backend (``jobs.celery.install`` in their Celery app) every state shows in
+    history as for Jobsite's own job types; otherwise the run stays as sent. The
+    duplicate guard needs Jobsite's task base class, so a remote job type has none.
+    """
+    spec = JobSpec(
+        name=job_type or task_name.rsplit(".", 1)[-1],
+        task_name=task_name,
+        form=form,
+        title=title,
+        description=description,
+        queue=queue,
+        queues=(queue,),
+        priority=priority,
+        max_retries=max_retries,
+        retry_backoff=retry_backoff,
+        soft_time_limit=soft_time_limit,
+        time_limit=time_limit,
+        expires=expires,
+        secret_fields=tuple(secret_fields),
+        route=route,
+        remote=True,
+    )
+    register(spec)
+    return spec

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 from django import forms
+from django.core.exceptions import ImproperlyConfigured
 from django.core.serializers.json import DjangoJSONEncoder
 
 __all__ = ["MASK", "JobSpec", "all_specs", "by_task_name", "get", "register", "to_json"]
@@ -36,6 +37,7 @@ class JobSpec:
     guard: bool = False
     route: str = ""  # a name in routing.ROUTES; empty: the direct queue above
     task_options: dict = field(default_factory=dict)
+    remote: bool = False  # catalog.remote: the task lives in another codebase's workers
 
     def mask(self, params: dict) -> dict:
         """Parameters with secret fields replaced, for pages, the API, logs and audit."""
@@ -79,6 +81,17 @@ def to_json(value) -> dict:
 
 
 def register(spec: JobSpec) -> None:
+    """Add a job type; a second one under the same name (or task) is a mistake."""
+    for known in _registry.values():
+        if known.name == spec.name and known.task_name != spec.task_name:
+            raise ImproperlyConfigured(
+                f"Two job types are named {spec.name!r} ({known.task_name} and "
+                f"{spec.task_name}): give one of them job_type=."
+            )
+        if known.task_name == spec.task_name and known.name != spec.name:
+            raise ImproperlyConfigured(
+                f"The task {spec.task_name} is declared twice, as {known.name!r} and {spec.name!r}."
+            )
     _registry[spec.name] = spec
 
 

@@ -200,7 +200,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "sep": ":",
     "queue_order_strategy": "priority",
 }
-CELERY_RESULT_BACKEND = "jobs.worker.backend:JobResultBackend"
+# Result backend, worker consumer and beat scheduler: Jobsite's, set by jobs.celery.install
+# (jobsite/celery.py); a CELERY_RESULT_BACKEND etc. here would replace them.
 CELERY_RESULT_EXTENDED = True
 CELERY_TASK_TRACK_STARTED = True
 CELERY_TASK_SERIALIZER = "json"
@@ -225,14 +226,16 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("CELERY_WORKER_PREFETCH_MULTIPLIER",
 CELERY_WORKER_SEND_TASK_EVENTS = False
 # The worker's main process stores the final states of successful runs in batches, and
 # acknowledges acks_late runs once theirs is stored (jobs.commit; PostgreSQL, prefork).
+# The demo job types, workflows and benchmark tasks (jobs/tasks/).
+JOBSITE_DEMO_JOB_TYPES = env_bool("JOBSITE_DEMO_JOB_TYPES", True)
 JOBSITE_GROUP_COMMIT = env_bool("JOBSITE_GROUP_COMMIT", True)
 # How long (ms) the first run of a batch waits for others to join it: one statement costs
 # about as much for one run as for twenty, so under load this is what keeps tracking
 # cheap; idle, each final state and ack comes this much later.
 JOBSITE_GROUP_COMMIT_WAIT_MS = env_int("JOBSITE_GROUP_COMMIT_WAIT_MS", 20, minimum=0)
 CELERY_TIMEZONE = TIME_ZONE
-# django-celery-beat's DatabaseScheduler behind a Redis lock: exactly one beat fires.
-CELERY_BEAT_SCHEDULER = "jobs.beat:JobsiteScheduler"
+# Beat: django-celery-beat's DatabaseScheduler behind a Redis lock, so exactly one beat
+# fires (jobs.beat:JobsiteScheduler, set by jobs.celery.install).
 CELERY_TASK_ALWAYS_EAGER = False
 # Celery's Django fix-up closes the database connection around every task unless this
 # is set, and reconnecting costs more than the task (see README, Performance). Pool
@@ -357,8 +360,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS["unacked_restore_throttle"] = env_int(
 # A dropped database connection under the worker: reconnect and store again.
 CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
 CELERY_RESULT_BACKEND_MAX_RETRIES = 5
-# Record malformed, oversize and unknown messages instead of only logging them.
-CELERY_WORKER_CONSUMER = "jobs.worker.consumer:JobsiteConsumer"
+# Malformed, oversize and unknown messages are recorded, not only logged, by Jobsite's
+# worker consumer (jobs.worker.consumer:JobsiteConsumer, set by jobs.celery.install).
 CELERY_BEAT_SCHEDULE = {
     **globals().get("CELERY_BEAT_SCHEDULE", {}),
     "jobsite-relay": {

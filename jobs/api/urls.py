@@ -9,13 +9,35 @@ from django.contrib.auth.decorators import login_not_required
 from django.urls import path
 from drf_spectacular.renderers import OpenApiJsonRenderer, OpenApiYamlRenderer
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.authentication import SessionAuthentication
+from rest_framework.parsers import JSONParser
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.renderers import JSONRenderer
+from rest_framework.views import APIView
 
 from jobs.api import views
+from jobs.api.auth import ApiTokenAuthentication
+
+# Jobsite's API behaves the same in any project, whatever its REST_FRAMEWORK defaults:
+# token or session, authenticated, JSON in and out. A view's own choice comes first.
+API_POLICY = {
+    "authentication_classes": [ApiTokenAuthentication, SessionAuthentication],
+    "permission_classes": [IsAuthenticated],
+    "renderer_classes": [JSONRenderer],
+    "parser_classes": [JSONParser],
+}
 
 
 def _api(view_class, **initkwargs):
+    for name, value in API_POLICY.items():
+        if name not in initkwargs and not _declares(view_class, name):
+            initkwargs[name] = value
     return login_not_required(view_class.as_view(**initkwargs))
+
+
+def _declares(view_class, name: str) -> bool:
+    """Whether the view (or a base of its own, below DRF's APIView) sets ``name``."""
+    return any(name in vars(cls) for cls in view_class.__mro__ if cls not in APIView.__mro__)
 
 
 # JSON by default (errors too); ?format=yaml for YAML.

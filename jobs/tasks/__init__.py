@@ -1,10 +1,19 @@
-"""Celery tasks: the demo job types, workflow steps, benchmark and maintenance tasks.
+"""Celery tasks: Jobsite's maintenance tasks and the workflows' errback, always; the demo
+job types, workflow steps and templates and the benchmark tasks when
+JOBSITE_DEMO_JOB_TYPES is on (the ready-made site's default; off in a project that adds
+the app, whose own job types are in its apps' ``tasks`` modules).
 
-Importing this package declares them all (JobsConfig.ready); task names are explicit
-(``jobs.<function>`` for job types, ``jobsite.<name>`` for Jobsite's own) and do not
-depend on the module a task lives in.
+Task names are explicit (``jobs.<function>`` for job types, ``jobsite.<name>`` for
+Jobsite's own) and do not depend on the module a task lives in.
 """
 
-from jobs.tasks import benchmark, demo, maintenance, steps, workflows
+from django.conf import settings
 
-__all__ = ["benchmark", "demo", "maintenance", "steps", "workflows"]
+from jobs.tasks import errbacks, maintenance
+
+__all__ = ["errbacks", "maintenance"]
+
+if settings.JOBSITE_DEMO_JOB_TYPES:
+    from jobs.tasks import benchmark, demo, steps, workflows
+
+    __all__ += ["benchmark", "demo", "steps", "workflows"]

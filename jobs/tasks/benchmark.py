@@ -24,6 +24,7 @@ class NoopParams(forms.Form):
 
 
 @catalog.job(
+    name="jobs.noop",
     form=NoopParams,
     title="No-op (benchmark)",
     description="Does nothing: used to measure what run tracking costs.",

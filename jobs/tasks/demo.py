@@ -122,6 +122,7 @@ class RotateCredentialsParams(forms.Form):
 
 
 @catalog.job(
+    name="jobs.send_mail",
     form=SendMailParams,
     title="Send mail",
     description="Sends one e-mail through Django's mail backend (Celery's classic first task).",
@@ -137,6 +138,7 @@ def send_mail(self, *, to: str, subject: str, body: str) -> dict:
 
 
 @catalog.job(
+    name="jobs.generate_report",
     form=ReportParams,
     title="Sales report (CSV)",
     description="Generates a CSV sales report, one section per day, with progress; "
@@ -171,6 +173,7 @@ def generate_report(
 
 
 @catalog.job(
+    name="jobs.count_primes",
     form=PrimesParams,
     title="Count primes",
     description="CPU-bound: counts the primes below a limit with a segmented sieve.",
@@ -222,6 +225,7 @@ class SimulatedFailure(Exception):
 
 
 @catalog.job(
+    name="jobs.flaky",
     form=FlakyParams,
     title="Flaky job",
     description="Fails on demand: at once, or a number of times before it succeeds "
@@ -248,6 +252,7 @@ def flaky(self, *, mode: str, failures: int, message: str, fail_until: str | Non
 
 
 @catalog.job(
+    name="jobs.long_sleep",
     form=SleepParams,
     title="Long job",
     description="Waits, reporting progress every second; use it to try cancelling.",
@@ -262,6 +267,7 @@ def long_sleep(self, *, seconds: int) -> dict:
 
 
 @catalog.job(
+    name="jobs.rotate_credentials",
     form=RotateCredentialsParams,
     title="Rotate credentials",
     description="Stores a new password for a service (as a salted hash); the password is a "

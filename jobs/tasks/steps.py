@@ -17,7 +17,7 @@ from django import forms
 from django.core.mail import send_mail as django_send_mail
 
 from jobs import catalog
-from jobs.services import broadcast_record, workflow_record_failure
+from jobs.services import broadcast_record
 from jobs.tasks.demo import ReportParams, count_segment, small_primes
 from jobs.worker.task import report_progress
 
@@ -49,10 +49,6 @@ class MailSummaryParams(forms.Form):
     subject = forms.CharField(label="Subject", max_length=200, initial="Your report")
 
 
-class WorkflowFailedParams(forms.Form):
-    workflow_id = forms.CharField(label="Workflow", max_length=255)
-
-
 class RegionalReportParams(forms.Form):
     kind = forms.ChoiceField(
         label="Kind", choices=[("daily", "Daily"), ("weekly", "Weekly")], initial="daily"
@@ -74,6 +70,7 @@ class CapabilityParams(forms.Form):
 
 
 @catalog.job(
+    name="jobs.count_primes_range",
     form=PrimesRangeParams,
     title="Count primes in a range",
     description="Counts the primes in [from, below): one slice of a parallel count.",
@@ -99,6 +96,7 @@ def count_primes_range(self, *, low: int, high: int) -> dict:
 
 
 @catalog.job(
+    name="jobs.sum_results",
     form=SumResultsParams,
     title="Sum results",
     description="A chord's callback: adds up one field of every result of the group before it.",
@@ -114,6 +112,7 @@ def sum_results(self, results: list | None = None, *, field: str) -> dict:
 
 
 @catalog.job(
+    name="jobs.mail_summary",
     form=MailSummaryParams,
     title="Mail a summary",
     description="Mails the previous workflow step's result (e.g. a report's totals).",
@@ -131,19 +130,7 @@ def mail_summary(self, previous: dict | None = None, *, to: str, subject: str) -
 
 
 @catalog.job(
-    form=WorkflowFailedParams,
-    title="Workflow failed (errback)",
-    description="Runs when a workflow step fails: records which step failed and marks "
-    "the steps that can no longer run.",
-    queue="default",
-)
-def workflow_failed(self, failed_task_id: str | None = None, *, workflow_id: str) -> dict:
-    return workflow_record_failure(
-        workflow_id=workflow_id, failed_task_id=failed_task_id, errback_id=self.request.id
-    )
-
-
-@catalog.job(
+    name="jobs.regional_report",
     form=RegionalReportParams,
     title="Regional report (topic route)",
     description="Published on the topic exchange with the key reports.<kind>.<region>: "
@@ -162,6 +149,7 @@ def regional_report(self, *, kind: str, region: str, rows: int) -> dict:
 
 
 @catalog.job(
+    name="jobs.clear_caches",
     form=ClearCachesParams,
     title="Clear local caches (broadcast)",
     description="Sent to the fanout exchange: every worker runs its own copy and records "
@@ -188,6 +176,7 @@ def _clear_local_caches() -> list[str]:
 
 
 @catalog.job(
+    name="jobs.capability_job",
     form=CapabilityParams,
     title="Capability-routed job (headers route)",
     description="Published on the headers exchange: gpu=yes and region=emea reach "
