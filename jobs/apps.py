@@ -21,7 +21,7 @@ class JobsConfig(AppConfig):
         )
 
         # Every installed app's job types, as Celery's autodiscover_tasks finds tasks.
-        autodiscover_modules(*settings.JOBSITE_CATALOG_MODULES)
+        autodiscover_modules(*getattr(settings, "JOBSITE_CATALOG_MODULES", ["tasks"]))
         post_migrate.connect(_sync_catalog, sender=self)
 
 

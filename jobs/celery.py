@@ -75,7 +75,7 @@ def install(
             if not source.value_set_for(key):
                 source[key] = value
 
-    if app.configured:
+    if app.configured:  # type: ignore[attr-defined]  # set by Celery; not in the stubs
         apply(app, app.conf)
     else:
         app.on_after_configure.connect(apply, weak=False)
@@ -117,7 +117,7 @@ def _sign_messages(sender: Celery, **kwargs) -> None:
     if getattr(settings, "JOBSITE_SIGNING", False):
         # Results are stored as JSON, so JSON stays enabled (for them, not for tasks).
         serializer = getattr(settings, "JOBSITE_SERIALIZER", "json")
-        allowed = ["json", "msgpack"] if serializer == "msgpack" else ["json"]
+        allowed = {"json", "msgpack"} if serializer == "msgpack" else {"json"}
         sender.setup_security(allowed_serializers=allowed, serializer=serializer)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from django.apps import apps
 from django.conf import settings
-from django.core.checks import Error, Tags, Warning, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.urls import NoReverseMatch, reverse
 
 REQUIRED_APPS = {
@@ -31,7 +31,7 @@ REQUIRED_MIDDLEWARE = {
 
 @register(Tags.compatibility)
 def check_apps_and_middleware(app_configs=None, **kwargs) -> list:
-    problems = []
+    problems: list[CheckMessage] = []
     for index, (name, why) in enumerate(REQUIRED_APPS.items(), start=1):
         if not apps.is_installed(name):
             problems.append(
@@ -76,7 +76,8 @@ def check_celery(app_configs=None, **kwargs) -> list:
 
     from jobs import celery as wiring
 
-    app = current_app._get_current_object()
+    # The app itself, not the proxy: install() remembers apps, not proxies.
+    app = current_app._get_current_object()  # type: ignore[attr-defined]  # a Proxy
     if not wiring.installed(app):
         return [
             Error(
@@ -88,7 +89,7 @@ def check_celery(app_configs=None, **kwargs) -> list:
             )
         ]
     conf = app.conf
-    problems = []
+    problems: list[CheckMessage] = []
     for key, expected in wiring.REQUIRED.items():
         value = conf.get(key)
         if key == "accept_content":

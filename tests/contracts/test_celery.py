@@ -511,3 +511,25 @@ def test_the_time_helpers_tracking_and_beat_use_keep_their_behaviour():
     assert maybe_iso8601("2030-01-01T12:00:00+00:00") == datetime(2030, 1, 1, 12, tzinfo=UTC)
     aware = maybe_make_aware(datetime(2030, 1, 1, 12))  # naive counts as UTC
     assert aware.utcoffset() == timedelta(0)
+
+
+def test_value_set_for_sees_a_namespaced_setting_and_add_defaults_hides_it():
+    """Entry 43: why install() applies its values after configuration, not as defaults."""
+    from celery import Celery
+
+    class Config:
+        CELERY_ACCEPT_CONTENT = ["msgpack", "json"]
+
+    app = Celery("contract", set_as_current=False)
+    app.config_from_object(Config, namespace="CELERY")
+    seen = {}
+    app.on_after_configure.connect(
+        lambda sender, source, **kw: seen.update(set=source.value_set_for("accept_content")),
+        weak=False,
+    )
+    app.add_defaults({"accept_content": ["json"]})
+    assert app.configured is False
+    assert app.conf.accept_content == ["json"]  # the "default" hid the project's setting
+    assert app.configured is True
+    assert seen == {"set": True}  # value_set_for found CELERY_ACCEPT_CONTENT
+    assert app.conf.value_set_for("result_backend") is False
