@@ -102,6 +102,7 @@ def test_no_admin_page_shows_a_viewer_staff_user_a_secret(client, admin_user, jo
     from django_celery_results.models import TaskResult
 
     from jobs import services
+    from jobs.models import AlertRule
 
     params = {"service": "billing-db", "new_password": SECRET}
     run = services.job_submit(job_type=job_types["rotate_credentials"], params=params,
@@ -111,6 +112,7 @@ def test_no_admin_page_shows_a_viewer_staff_user_a_secret(client, admin_user, jo
     every_day = IntervalSchedule.objects.create(every=1, period="days")
     PeriodicTask.objects.create(name="rotate", task=run.task_name, kwargs=json.dumps(params),
                                 interval=every_day)  # fmt: skip
+    AlertRule.objects.create(name="ops", webhook_secret=SECRET)
     viewer = User.objects.create_user("staff-viewer", password="x", is_staff=True)
     viewer.user_permissions.add(*Permission.objects.filter(codename__startswith="view_"))
     client.force_login(viewer)

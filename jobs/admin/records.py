@@ -162,8 +162,36 @@ def _only_yourself(actor):
 # --- Dashboard and alerts: alert admins; Celery's result records, fast at scale ------
 
 
+class AlertRuleForm(forms.ModelForm):
+    """The webhook secret is never written into the page: blank keeps the stored one."""
+
+    clear_webhook_secret = forms.BooleanField(
+        label="Remove the webhook secret", required=False, help_text="Send unsigned from now on."
+    )
+
+    class Meta:
+        model = AlertRule
+        fields = ["webhook_secret"]  # the admin adds the others (its fieldsets)
+        widgets = {"webhook_secret": forms.PasswordInput(render_value=False)}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.webhook_secret and "webhook_secret" in self.fields:
+            field = self.fields["webhook_secret"]
+            field.help_text = f"{field.help_text} A secret is stored: leave blank to keep it."
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if data.get("clear_webhook_secret"):
+            data["webhook_secret"] = ""
+        elif not data.get("webhook_secret"):
+            data["webhook_secret"] = self.instance.webhook_secret
+        return data
+
+
 @admin.register(AlertRule)
 class AlertRuleAdmin(admin.ModelAdmin):
+    form = AlertRuleForm
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     list_display = ["name", "enabled", "job_type", "on_failure", "on_schedule_missed",
                     "on_heartbeat_lost", "emails", "webhook_url", "min_interval"]  # fmt: skip
@@ -176,10 +204,22 @@ class AlertRuleAdmin(admin.ModelAdmin):
         ("Whom", {"fields": ["emails", "webhook_url", "webhook_secret", "min_interval"]}),
     ]
 
-    def get_form(self, request, obj=None, **kwargs):
-        # The secret is kept (render_value) but not shown on screen.
-        kwargs["widgets"] = {"webhook_secret": forms.PasswordInput(render_value=True)}
-        return super().get_form(request, obj, **kwargs)
+    def get_fieldsets(self, request, obj=None):
+        if obj is not None and not self.has_change_permission(request, obj):
+            whom = ["emails", "webhook_url", "webhook_signed", "min_interval"]  # read-only
+        elif obj is not None and obj.webhook_secret:
+            whom = ["emails", "webhook_url", "webhook_secret", "clear_webhook_secret",
+                    "min_interval"]  # fmt: skip
+        else:
+            whom = ["emails", "webhook_url", "webhook_secret", "min_interval"]
+        return [*self.fieldsets[:2], ("Whom", {"fields": whom})]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [*super().get_readonly_fields(request, obj), "webhook_signed"]
+
+    @admin.display(description="webhook signed", boolean=True)
+    def webhook_signed(self, obj: AlertRule) -> bool:
+        return bool(obj.webhook_secret)
 
 
 @admin.register(Alert)

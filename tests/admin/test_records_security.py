@@ -102,3 +102,47 @@ def test_a_superuser_mints_a_token_for_another_user_audited_as_the_superuser(
     assert token.user == alice
     assert entry.actor == admin_user and entry.actor_name == "root"
     assert entry.details["owner"] == "alice"
+
+
+@pytest.fixture
+def alert_rule(db):
+    from jobs.models import AlertRule
+
+    return AlertRule.objects.create(name="ops", emails="ops@example.com", webhook_secret=SECRET)
+
+
+def alert_rule_form(**fields) -> dict:
+    return {
+        "name": "ops", "enabled": "on", "job_type": "", "on_failure": "on",
+        "emails": "ops@example.com", "webhook_url": "", "min_interval": "300", **fields,
+    }  # fmt: skip
+
+
+def test_the_alert_rule_admin_never_shows_the_webhook_secret(
+    client, staff_viewer, admin_user, alert_rule
+):
+    url = reverse("admin:jobs_alertrule_change", args=[alert_rule.pk])
+    client.force_login(staff_viewer)
+    seen_by_viewer = client.get(url)
+    client.force_login(admin_user)
+    seen_by_editor = client.get(url)
+
+    assert seen_by_viewer.status_code == seen_by_editor.status_code == 200
+    assert SECRET not in seen_by_viewer.content.decode()
+    assert SECRET not in seen_by_editor.content.decode()
+    assert "leave blank to keep it" in seen_by_editor.content.decode()
+
+
+def test_a_blank_webhook_secret_keeps_it_and_the_box_removes_it(client, admin_user, alert_rule):
+    url = reverse("admin:jobs_alertrule_change", args=[alert_rule.pk])
+    client.force_login(admin_user)
+
+    kept = client.post(url, alert_rule_form(webhook_secret=""))
+    alert_rule.refresh_from_db()
+    secret_after_keep = alert_rule.webhook_secret
+    client.post(url, alert_rule_form(webhook_secret="", clear_webhook_secret="on"))
+    alert_rule.refresh_from_db()
+
+    assert kept.status_code == 302, kept.content.decode()[:2000]
+    assert secret_after_keep == SECRET
+    assert alert_rule.webhook_secret == ""
