@@ -58,6 +58,7 @@ def job(
     secret_fields: tuple[str, ...] = (),
     guard: bool = False,
     route: str = "",
+    internal: bool = False,
     **task_options,
 ) -> Callable:
     """Declare a function as a Celery task that people may run as a job type."""
@@ -96,6 +97,7 @@ def job(
                 secret_fields=tuple(secret_fields),
                 guard=guard,
                 route=route,
+                internal=internal,
                 task_options=task_options,
             )
         )

@@ -136,6 +136,20 @@ class JobType(models.Model):
     def is_runnable_by(self, user) -> bool:
         return JobType.objects.runnable_by(user).filter(pk=self.pk).exists()
 
+    @property
+    def is_internal(self) -> bool:
+        return bool(self.spec and self.spec.internal)
+
+    def submit_refusal(self, user, *, check_permission: bool = True) -> str | None:
+        """Why ``user`` may not submit this job type now (None: they may)."""
+        if self.is_internal:
+            return f"“{self}” is internal: Jobsite runs it itself, no one submits it."
+        if not self.enabled:
+            return f"“{self}” is disabled."
+        if check_permission and not self.is_runnable_by(user):
+            return f"You may not run “{self}”."
+        return None
+
 
 class JobQuerySet(models.QuerySet):
     def visible_to(self, user) -> JobQuerySet:

@@ -13,7 +13,9 @@ from django import forms
 from django.core.exceptions import ImproperlyConfigured
 from django.core.serializers.json import DjangoJSONEncoder
 
-__all__ = ["MASK", "JobSpec", "all_specs", "by_task_name", "get", "register", "to_json"]
+__all__ = [
+    "MASK", "JobSpec", "all_specs", "by_task_name", "get", "internal_names", "register", "to_json",
+]  # fmt: skip
 
 MASK = "••••••"  # what a secret parameter shows everywhere it is output
 
@@ -36,6 +38,9 @@ class JobSpec:
     secret_fields: tuple[str, ...] = ()
     guard: bool = False
     route: str = ""  # a name in routing.ROUTES; empty: the direct queue above
+    # Run by Jobsite itself (a workflow's errback), never submitted by a person: not
+    # listed, refused by the form, the API, bulk submits and schedules.
+    internal: bool = False
     task_options: dict = field(default_factory=dict)
     remote: bool = False  # catalog.remote: the task lives in another codebase's workers
 
@@ -105,3 +110,8 @@ def by_task_name(task_name: str) -> JobSpec | None:
 
 def all_specs() -> list[JobSpec]:
     return list(_registry.values())
+
+
+def internal_names() -> set[str]:
+    """The job types no person may submit (JobSpec.internal)."""
+    return {s.name for s in _registry.values() if s.internal}

@@ -86,3 +86,47 @@ def test_the_admin_is_for_staff_only(client, alice):
 
     assert response.status_code == 302
     assert reverse("admin:login") in response["Location"]
+
+
+SECRET = "Tr0ub4dor-3-horse"
+
+
+@pytest.mark.django_db
+def test_no_admin_page_shows_a_viewer_staff_user_a_secret(client, admin_user, job_types):
+    import json
+
+    from django.contrib import admin
+    from django.contrib.admin.utils import quote
+    from django.contrib.auth.models import Permission, User
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+    from django_celery_results.models import TaskResult
+
+    from jobs import services
+    from jobs.models import AlertRule
+
+    params = {"service": "billing-db", "new_password": SECRET}
+    run = services.job_submit(job_type=job_types["rotate_credentials"], params=params,
+                              user=admin_user)  # fmt: skip
+    TaskResult.objects.create(task_id=run.pk, task_name=run.task_name, status="SUCCESS",
+                              task_kwargs=json.dumps(repr(params)))  # fmt: skip
+    every_day = IntervalSchedule.objects.create(every=1, period="days")
+    PeriodicTask.objects.create(name="rotate", task=run.task_name, kwargs=json.dumps(params),
+                                interval=every_day)  # fmt: skip
+    AlertRule.objects.create(name="ops", webhook_secret=SECRET)
+    viewer = User.objects.create_user("staff-viewer", password="x", is_staff=True)
+    viewer.user_permissions.add(*Permission.objects.filter(codename__startswith="view_"))
+    client.force_login(viewer)
+    seen, leaks = 0, []
+    for model, _ in admin.site._registry.items():
+        prefix = f"admin:{model._meta.app_label}_{model._meta.model_name}"
+        urls = [reverse(f"{prefix}_changelist")] + [
+            reverse(f"{prefix}_change", args=[quote(pk)])
+            for pk in model._default_manager.values_list("pk", flat=True)[:5]
+        ]
+        for url in urls:
+            response = client.get(url)
+            seen += response.status_code == 200
+            if SECRET in response.content.decode():
+                leaks.append(url)
+    assert leaks == []
+    assert seen > 15  # the walk did open the pages (run, result, schedule, audit, ...)

@@ -22,20 +22,31 @@ from django.urls import path, reverse
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.views.decorators.http import require_GET, require_POST
-from django_celery_beat.models import PeriodicTask
+from django_celery_beat import admin as beat_admin
+from django_celery_beat.models import (
+    ClockedSchedule,
+    CrontabSchedule,
+    IntervalSchedule,
+    PeriodicTask,
+    SolarSchedule,
+)
 
 from jobs import services, specs
-from jobs.beat import scheduler as beat
 from jobs.models import JobType
 from jobs.selectors import schedules
-from jobs.services.messages import _check_size
+from jobs.services.messages import _check_size, reserved_headers
 
 PARAMS_PREFIX = "params"
 FRAGMENT_TEMPLATE = "admin/django_celery_beat/periodictask/_params.html"
 
 
-def _catalogued_job_types():
-    return JobType.objects.enabled().filter(name__in=[s.name for s in specs.all_specs()])
+def _catalogued_job_types(user):
+    """The job types ``user`` may schedule: catalogued, not internal, and ones they may run."""
+    names = [s.name for s in specs.all_specs() if not s.internal]
+    return JobType.objects.runnable_by(user).filter(name__in=names)
+
+
+KEEP_SECRET = "Leave blank to keep the stored value."  # noqa: S105 (a help text)
 
 
 def _queues(job_type: JobType) -> list[str]:
@@ -44,7 +55,14 @@ def _queues(job_type: JobType) -> list[str]:
 
 
 class ScheduleForm(forms.ModelForm):
-    """A PeriodicTask whose task and kwargs come from a job type and its parameter form."""
+    """A PeriodicTask whose task and kwargs come from a job type and its parameter form.
+
+    ``user`` (set by ScheduleAdmin.get_form) limits the job types to those they may run.
+    Stored secret parameters are never rendered: their inputs stay empty, and an empty
+    one keeps the stored value.
+    """
+
+    user = None
 
     job_type = forms.ModelChoiceField(
         queryset=JobType.objects.none(),
@@ -72,7 +90,9 @@ class ScheduleForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        cast(forms.ModelChoiceField, self.fields["job_type"]).queryset = _catalogued_job_types()
+        cast(forms.ModelChoiceField, self.fields["job_type"]).queryset = _catalogued_job_types(
+            self.user
+        )
         self.selected = self._selected_job_type()
         self.params_form = self._params_form()
         self.params_changed = False
@@ -89,22 +109,41 @@ class ScheduleForm(forms.ModelForm):
     def _selected_job_type(self) -> JobType | None:
         if self.is_bound:
             raw = self.data.get("job_type") or ""
-            return _catalogued_job_types().filter(pk=raw).first() if raw.isdigit() else None
+            return (
+                _catalogued_job_types(self.user).filter(pk=raw).first() if raw.isdigit() else None
+            )
         if self.initial.get("job_type"):
-            return _catalogued_job_types().filter(pk=self.initial["job_type"]).first()
+            return _catalogued_job_types(self.user).filter(pk=self.initial["job_type"]).first()
         spec = specs.by_task_name(self.instance.task) if self.instance.task else None
         return JobType.objects.filter(name=spec.name).first() if spec else None
 
     def _params_form(self) -> forms.Form | None:
         if self.selected is None or self.selected.spec is None:
             return None
-        form_class = self.selected.spec.form
-        if self.is_bound:
-            return form_class(data=self.data, prefix=PARAMS_PREFIX)
-        initial = None
+        spec = self.selected.spec
+        stored = {}
         if self.instance.pk and self.instance.task == self.selected.task_name:
-            initial = _loads_object(self.instance.kwargs)
-        return form_class(initial=initial, prefix=PARAMS_PREFIX)
+            stored = _loads_object(self.instance.kwargs)
+        kept = {name: stored[name] for name in spec.secret_fields if stored.get(name)}
+        if self.is_bound:
+            data = self.data.copy()  # type: ignore[attr-defined]  # a QueryDict
+            for name, value in kept.items():
+                if not data.get(f"{PARAMS_PREFIX}-{name}"):
+                    data[f"{PARAMS_PREFIX}-{name}"] = value
+            form = spec.form(data=data, prefix=PARAMS_PREFIX)
+        else:
+            initial = {k: v for k, v in stored.items() if k not in spec.secret_fields}
+            form = spec.form(initial=initial or None, prefix=PARAMS_PREFIX)
+        for name in spec.secret_fields:
+            field = form.fields.get(name)
+            if field is None:
+                continue
+            # Never rendered back into the page, not even after an invalid post.
+            field.widget = forms.PasswordInput(attrs=field.widget.attrs, render_value=False)
+            if name in kept:
+                field.required = False
+                field.help_text = f"{field.help_text} {KEEP_SECRET}".strip()
+        return form
 
     def _set_job_type_defaults(self) -> None:
         job_type = self.selected
@@ -128,7 +167,7 @@ class ScheduleForm(forms.ModelForm):
             raise forms.ValidationError('Give a JSON object, e.g. {"tenant": "acme"}.')
         if not all(isinstance(v, (str, int, float, bool)) for v in headers.values()):
             raise forms.ValidationError("Header values must be strings, numbers or booleans.")
-        reserved = beat.reserved_headers(headers)
+        reserved = reserved_headers(headers)
         if reserved:
             raise forms.ValidationError(f"Reserved for Celery and Jobsite: {', '.join(reserved)}.")
         return json.dumps(headers)
@@ -154,6 +193,12 @@ class ScheduleForm(forms.ModelForm):
         self.instance.kwargs = kwargs
         self.instance.args = "[]"
         return data
+
+
+def _masked_kwargs(obj: PeriodicTask) -> str:
+    params = _loads_object(obj.kwargs)
+    spec = specs.by_task_name(obj.task)
+    return json.dumps(spec.mask(params) if spec else params, indent=1)
 
 
 def _loads_object(raw: str | None) -> dict:
@@ -234,15 +279,19 @@ class ScheduleAdmin(admin.ModelAdmin):
 
     @admin.display(description="parameters")
     def parameters(self, obj: PeriodicTask) -> str:
-        params = _loads_object(obj.kwargs)
-        spec = specs.by_task_name(obj.task)
-        return json.dumps(spec.mask(params) if spec else params, indent=1)
+        return _masked_kwargs(obj)
 
     def get_fieldsets(self, request, obj=None):
         fieldsets = list(super().get_fieldsets(request, obj))
         if not self._can_edit(request, obj):
             fieldsets.insert(1, ("Parameters", {"fields": ["parameters"]}))
         return fieldsets
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        # A class made for this request by modelform_factory: the attribute is this user's.
+        form.user = request.user  # type: ignore[attr-defined]
+        return form
 
     def _can_edit(self, request, obj) -> bool:
         return self.has_change_permission(request, obj) if obj else self.has_add_permission(request)
@@ -251,6 +300,14 @@ class ScheduleAdmin(admin.ModelAdmin):
         # Schedules declared in code (CELERY_BEAT_SCHEDULE) are rewritten by beat at
         # start-up: edit them there, not here (enable/disable still works).
         if obj is not None and specs.by_task_name(obj.task) is None:
+            return False
+        # A schedule of a job type the editor may not run is theirs to see, not to change.
+        user = request.user
+        if (
+            obj is not None
+            and not user.is_superuser
+            and not _catalogued_job_types(user).filter(task_name=obj.task).exists()
+        ):
             return False
         return super().has_change_permission(request, obj)
 
@@ -394,10 +451,11 @@ def _params_view(model_admin: ScheduleAdmin, request: HttpRequest) -> HttpRespon
     if not (model_admin.has_add_permission(request) or model_admin.has_change_permission(request)):
         raise PermissionDenied("You may not edit schedules.")
     raw = request.GET.get("job_type", "")
-    job_type = _catalogued_job_types().filter(pk=raw).first() if raw.isdigit() else None
+    allowed = _catalogued_job_types(request.user)
+    job_type = allowed.filter(pk=raw).first() if raw.isdigit() else None
     if job_type is None:
         return render(request, FRAGMENT_TEMPLATE, {"params_form": None})
-    form = ScheduleForm(initial={"job_type": job_type.pk})
+    form = model_admin.get_form(request)(initial={"job_type": job_type.pk})
     # The getter gives the normalised list; django-stubs type it as the setter's input.
     queue_choices = cast(forms.ChoiceField, form.fields["queue"]).choices
     queue_select = forms.Select(choices=queue_choices).render(  # type: ignore[arg-type]
@@ -414,3 +472,27 @@ def _params_view(model_admin: ScheduleAdmin, request: HttpRequest) -> HttpRespon
         "priority_input": priority_input,
     }
     return render(request, FRAGMENT_TEMPLATE, context)
+
+
+class PeriodicTaskInline(beat_admin.PeriodicTaskInline):
+    """The schedules using an interval, crontab, solar or clocked time: kwargs masked.
+
+    django-celery-beat's inline shows each schedule's raw kwargs, secrets included.
+    """
+
+    fields = ("name", "task", "parameters")
+    readonly_fields = fields
+
+    @admin.display(description="parameters")
+    def parameters(self, obj: PeriodicTask) -> str:
+        return _masked_kwargs(obj)
+
+
+for _model, _admin in {
+    ClockedSchedule: beat_admin.ClockedScheduleAdmin,
+    CrontabSchedule: beat_admin.CrontabScheduleAdmin,
+    SolarSchedule: beat_admin.SolarScheduleAdmin,
+    IntervalSchedule: beat_admin.IntervalScheduleAdmin,
+}.items():
+    admin.site.unregister(_model)
+    admin.site.register(_model, type(_admin.__name__, (_admin,), {"inlines": [PeriodicTaskInline]}))

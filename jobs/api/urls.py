@@ -47,9 +47,9 @@ SCHEMA_RENDERERS = [JSONRenderer, OpenApiJsonRenderer, OpenApiYamlRenderer]
 urlpatterns = [
     path("runs/", _api(views.RunListView), name="api-run-list"),
     path("runs/bulk/", _api(views.RunBulkView), name="api-run-bulk"),
-    path("runs/<str:job_id>/", _api(views.RunDetailView), name="api-run-detail"),
-    path("runs/<str:job_id>/cancel/", _api(views.RunCancelView), name="api-run-cancel"),
-    path("runs/<str:job_id>/retry/", _api(views.RunRetryView), name="api-run-retry"),
+    path("runs/<runid:job_id>/", _api(views.RunDetailView), name="api-run-detail"),
+    path("runs/<runid:job_id>/cancel/", _api(views.RunCancelView), name="api-run-cancel"),
+    path("runs/<runid:job_id>/retry/", _api(views.RunRetryView), name="api-run-retry"),
     path("job-types/", _api(views.JobTypeListView), name="api-job-type-list"),
     path("schedules/", _api(views.ScheduleListView), name="api-schedule-list"),
     path("schema", _api(SpectacularAPIView, renderer_classes=SCHEMA_RENDERERS), name="api-schema"),

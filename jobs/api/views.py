@@ -128,7 +128,7 @@ class RunListView(APIView):
                 description='Invalid input: {"params": {field: [messages]}, "options": {...}}',
             ),
             401: UNAUTHENTICATED,
-            403: _error("The job type is disabled, or you may not run it."),
+            403: _error("The job type is internal or disabled, or you may not run it."),
             404: _error("No job type by that name."),
             413: _error("The parameters are larger than JOBSITE_MAX_PARAMS_BYTES."),
         },
@@ -315,7 +315,9 @@ class ScheduleListView(APIView):
     @extend_schema(
         operation_id="schedules_list",
         summary="Periodic schedules (django-celery-beat)",
-        description="Secret parameters in the kwargs are masked.",
+        description="Secret parameters in the kwargs are masked. Staff without "
+        "`django_celery_beat.view_periodictask` see only the schedules of job types they "
+        "may run.",
         responses={
             200: ScheduleSerializer(many=True),
             401: UNAUTHENTICATED,
@@ -323,7 +325,8 @@ class ScheduleListView(APIView):
         },
     )
     def get(self, request: Request) -> Response:
-        return Response(ScheduleSerializer(selectors.periodic_task_list(), many=True).data)
+        schedules = selectors.periodic_task_list(user=request.user)
+        return Response(ScheduleSerializer(schedules, many=True).data)
 
 
 # --- Helpers --------------------------------------------------------------------------
@@ -344,10 +347,9 @@ def _runnable_job_type(name: str, user) -> JobType:
     job_type = JobType.objects.filter(name=name).first()
     if job_type is None or specs.get(name) is None:
         raise exceptions.NotFound(f"No job type named “{name}”.")
-    if not job_type.enabled:
-        raise exceptions.PermissionDenied(f"“{job_type}” is disabled.")
-    if not job_type.is_runnable_by(user):
-        raise exceptions.PermissionDenied(f"You may not run “{job_type}”.")
+    refusal = job_type.submit_refusal(user)
+    if refusal:
+        raise exceptions.PermissionDenied(refusal)
     return job_type
 
 

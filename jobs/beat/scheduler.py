@@ -50,36 +50,19 @@ from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 from redis.exceptions import LockError, RedisError
 
 from jobs import heartbeat, markers, redis, specs
+from jobs.services.messages import header_refusal
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "jobsite:beat:lock"
 BUILT_IN_PREFIXES = ("celery.", "jobsite.")
-# Celery's task message headers (protocol 2): a schedule's headers must not replace them.
-RESERVED_HEADERS = frozenset(
-    {
-        "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index",
-        "retries", "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr",
-        "origin", "ignore_result", "replaced_task_nesting", "stamped_headers", "stamps",
-        "periodic_task_name",
-    }
-)  # fmt: skip
-
-
-def reserved_headers(headers: dict) -> list[str]:
-    """The keys of ``headers`` that would replace Celery's or Jobsite's own headers."""
-    return sorted(key for key in headers if key in RESERVED_HEADERS or key.startswith("jobsite_"))
 
 
 def refusal(task_name: str, headers: dict) -> str | None:
     """Why beat must not send this task with these headers (None: it may)."""
     if not (specs.by_task_name(task_name) or task_name.startswith(BUILT_IN_PREFIXES)):
         return f"the task {task_name!r} is not in the catalogue"
-    # Beat itself adds periodic_task_name to every schedule's headers.
-    bad = [key for key in reserved_headers(headers) if key != "periodic_task_name"]
-    if bad:
-        return f"its headers would replace Celery's: {', '.join(bad)}"
-    return None
+    return header_refusal(headers)
 
 
 class JobsiteScheduler(DatabaseScheduler):
@@ -232,6 +215,11 @@ class JobsiteScheduler(DatabaseScheduler):
         if reason:
             logger.error("Schedule %r is not sent: %s.", entry.name, reason)
             return
+        spec = specs.by_task_name(entry.task)
+        if spec is not None and spec.secret_fields:
+            # What Celery's logs, inspect and TaskResult show instead of the kwargs.
+            masked = repr(spec.mask(entry.kwargs or {}))
+            entry.options = {**entry.options, "kwargsrepr": masked}
         if due is not None:
             entry.options = {**entry.options, "eta": due}
             expires = entry.options.get("expires")

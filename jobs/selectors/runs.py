@@ -47,14 +47,24 @@ class JobFilter(django_filters.FilterSet):
         fields: list[str] = []
 
     def search(self, queryset, name, value):
-        """Run id prefix, or text in the parameters or the error."""
+        """Run id prefix, or text in the parameters or the error.
+
+        The parameters of job types with secret fields are never searched: a viewer
+        sees every run masked, and a match inside a secret would give it away one
+        character at a time. Those runs are found by id or error text. The exclusion
+        keeps the trigram index on ``UPPER(params::text)`` serving the search.
+        """
         value = value.strip()
         if not value:
             return queryset
         if _looks_like_id(value):
             return queryset.filter(pk__startswith=value.lower())
+        in_params = Q(params_text__icontains=value)
+        secret_tasks = [s.task_name for s in specs.all_specs() if s.secret_fields]
+        if secret_tasks:
+            in_params &= ~Q(task_name__in=secret_tasks)
         return queryset.alias(params_text=Cast("params", TextField())).filter(
-            Q(params_text__icontains=value) | Q(error_message__icontains=value)
+            in_params | Q(error_message__icontains=value)
         )
 
 
@@ -145,7 +155,13 @@ def job_timeline(job: Job) -> list[tuple[str, datetime]]:
 
 
 def job_types_runnable(*, user) -> list[JobType]:
-    return [jt for jt in JobType.objects.runnable_by(user) if specs.get(jt.name)]
+    """The catalogue a user may submit from (internal job types are never listed)."""
+    internal = specs.internal_names()
+    return [
+        jt
+        for jt in JobType.objects.runnable_by(user)
+        if specs.get(jt.name) and jt.name not in internal
+    ]
 
 
 # --- Control ------------------------------------------------------------------------
@@ -207,12 +223,20 @@ def unmask(spec, edited: dict, original: dict) -> dict:
 # --- API and API tokens -------------------------------------------------------------
 
 
-def periodic_task_list() -> list:
-    """django-celery-beat's schedules with what describing each needs, by name."""
+def periodic_task_list(*, user) -> list:
+    """django-celery-beat's schedules the user may see, by name.
+
+    With ``django_celery_beat.view_periodictask`` (superusers have it), every schedule,
+    as in the admin; other staff only those of job types they may run.
+    """
     from django_celery_beat.models import PeriodicTask
 
     related = ("interval", "crontab", "solar", "clocked")
-    return list(PeriodicTask.objects.select_related(*related).order_by("name"))
+    queryset = PeriodicTask.objects.select_related(*related).order_by("name")
+    if not user.has_perm("django_celery_beat.view_periodictask"):
+        runnable = JobType.objects.runnable_by(user).values_list("task_name", flat=True)
+        queryset = queryset.filter(task__in=list(runnable))
+    return list(queryset)
 
 
 def api_token_list(*, user) -> list:
@@ -237,7 +261,7 @@ def workflow_templates_runnable(*, user) -> list:
     return [
         t
         for t in workflows.TEMPLATES.values()
-        if t.job_type_names() - {"workflow_failed"} <= runnable
+        if t.job_type_names() - specs.internal_names() <= runnable
     ]
 
 

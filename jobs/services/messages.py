@@ -21,6 +21,32 @@ from jobs.models import (
 logger = logging.getLogger(__name__)
 
 
+# Celery's task message headers (protocol 2): a schedule's headers must not replace them.
+RESERVED_HEADERS = frozenset(
+    {
+        "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index",
+        "retries", "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr",
+        "origin", "ignore_result", "replaced_task_nesting", "stamped_headers", "stamps",
+        "periodic_task_name",
+    }
+)  # fmt: skip
+
+
+def reserved_headers(headers: dict) -> list[str]:
+    """The keys of ``headers`` that would replace Celery's or Jobsite's own headers."""
+    return sorted(key for key in headers if key in RESERVED_HEADERS or key.startswith("jobsite_"))
+
+
+def header_refusal(headers: dict) -> str | None:
+    """Why a schedule's stored headers must not be sent (None: they may).
+
+    Beat and run-now both add periodic_task_name themselves, so a stored one is
+    overwritten, not sent; the admin form refuses every reserved key up front.
+    """
+    bad = [key for key in reserved_headers(headers) if key != "periodic_task_name"]
+    return f"its headers would replace Celery's: {', '.join(bad)}" if bad else None
+
+
 def _check_size(params: dict) -> None:
     size = len(json.dumps(params).encode())
     limit = settings.JOBSITE_MAX_PARAMS_BYTES

@@ -48,13 +48,13 @@ def job_submit(
 
     ``params`` must already be cleaned by the job type's form (``JobSpec.clean_params``).
     With an idempotency key the user's existing run with that key is returned instead.
-    Raises PermissionDenied if the user may not run the job type, ValidationError if
+    Raises PermissionDenied if the user may not run the job type (or no one may: an
+    internal one), ValidationError if
     the parameters are too large.
     """
-    if check_permission and not job_type.is_runnable_by(user):
-        raise PermissionDenied(f"You may not run “{job_type}”.")
-    if not job_type.enabled:
-        raise PermissionDenied(f"“{job_type}” is disabled.")
+    refusal = job_type.submit_refusal(user, check_permission=check_permission)
+    if refusal:
+        raise PermissionDenied(refusal)
     _check_size(params)
     options = _effective_options(job_type, options or {})
     options.update(message_options(job_type=job_type, params=params, options=options))
@@ -205,11 +205,7 @@ def _bulk_errors(items, user) -> dict[int, dict]:
     errors: dict[int, dict] = {}
     for index, (job_type, params, options) in enumerate(items):
         if job_type.pk not in allowed:
-            allowed[job_type.pk] = (
-                f"“{job_type}” is disabled." if not job_type.enabled
-                else None if job_type.is_runnable_by(user)
-                else f"You may not run “{job_type}”."
-            )  # fmt: skip
+            allowed[job_type.pk] = job_type.submit_refusal(user)
         item: dict = {}
         if allowed[job_type.pk]:
             item["job_type"] = [allowed[job_type.pk]]

@@ -20,7 +20,7 @@ from jobs.models import (
 )
 from jobs.services.audit import audit_record
 from jobs.services.errors import ActionError
-from jobs.services.messages import _effective_options, _parse_time
+from jobs.services.messages import _effective_options, _parse_time, header_refusal
 from jobs.services.runs import job_publish, job_type_masked
 
 logger = logging.getLogger(__name__)
@@ -89,16 +89,25 @@ def schedule_run_now(*, schedule, user) -> Job:
     Unlike django-celery-beat's "Run selected tasks" action, the run keeps the
     schedule's queue, exchange, routing key, priority, expiry and headers, and its
     parameters are checked again by the job type's form. Raises ActionError when the
-    schedule's task is not catalogued, its job type is disabled, its parameters are no
-    longer valid, or it has expired.
+    schedule's task is not catalogued, its job type is internal, disabled or one the
+    user may not run, its parameters are no longer valid, its stored headers would
+    replace Celery's (a schedule written elsewhere than the admin form), or it has
+    expired.
     """
     job_type, params = _schedule_job_type_and_params(schedule)
+    refusal = job_type.submit_refusal(user)
+    if refusal:
+        raise ActionError(refusal)
+    options = _schedule_options(schedule, job_type)
+    refusal = header_refusal(options["headers"])
+    if refusal:
+        raise ActionError(f"“{schedule.name}” is not sent: {refusal}.")
     job = Job(
         id=str(uuid.uuid4()),
         job_type=job_type,
         task_name=job_type.task_name,
         params=params,
-        options=_schedule_options(schedule, job_type),
+        options=options,
         source=JobSource.SCHEDULE_NOW,
         submitted_by=user,
         schedule=schedule,
@@ -121,8 +130,6 @@ def _schedule_job_type_and_params(schedule) -> tuple[JobType, dict]:
     job_type = JobType.objects.filter(name=spec.name).first() if spec else None
     if spec is None or job_type is None:
         raise ActionError(f"“{schedule.name}” runs {schedule.task}, which is not in the catalogue.")
-    if not job_type.enabled:
-        raise ActionError(f"“{job_type}” is disabled.")
     if schedule.expires and schedule.expires <= timezone.now():
         raise ActionError(f"“{schedule.name}” expired on {schedule.expires:%Y-%m-%d %H:%M}.")
     try:

@@ -31,9 +31,14 @@ def api_token_hash(secret: str) -> str:
 def api_token_create(*, user, name: str, actor=None):
     """A new token for ``user``; returns (token, secret). The secret is never stored.
 
-    ``actor`` is who made it (a staff member in the admin); by default the user.
+    ``actor`` is who made it (a staff member in the admin); by default the user. Only
+    a superuser may make one for someone else: a token acts as its owner. Raises
+    PermissionDenied otherwise.
     """
     import secrets
+
+    if actor is not None and actor.pk != user.pk and not actor.is_superuser:
+        raise PermissionDenied("You may create tokens only for yourself.")
 
     secret = secrets.token_urlsafe(32)
     with transaction.atomic():

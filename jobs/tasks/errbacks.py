@@ -20,6 +20,7 @@ class WorkflowFailedParams(forms.Form):
     description="Runs when a workflow step fails: records which step failed and marks "
     "the steps that can no longer run.",
     queue="default",
+    internal=True,  # its workflow id is someone's workflow: only Jobsite sends it
 )
 def workflow_failed(self, failed_task_id: str | None = None, *, workflow_id: str) -> dict:
     return workflow_record_failure(

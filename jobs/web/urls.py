@@ -11,11 +11,11 @@ urlpatterns = [
     path("runs/", views.history, name="jobs-history"),
     path("submit/", views.submit_list, name="jobs-submit-list"),
     path("submit/<slug:name>/", views.submit, name="jobs-submit"),
-    path("runs/<str:job_id>/", views.detail, name="jobs-detail"),
-    path("runs/<str:job_id>/file", views.download, name="jobs-download"),
-    path("runs/<str:job_id>/rerun/", views.rerun, name="jobs-rerun"),
+    path("runs/<runid:job_id>/", views.detail, name="jobs-detail"),
+    path("runs/<runid:job_id>/file", views.download, name="jobs-download"),
+    path("runs/<runid:job_id>/rerun/", views.rerun, name="jobs-rerun"),
     path(
-        "runs/<str:job_id>/<slug:action>",
+        "runs/<runid:job_id>/<slug:action>",
         views.run_action,
         name="jobs-action",
     ),
@@ -26,8 +26,10 @@ urlpatterns = [
     path("queues/<slug:name>/<slug:action>", views.queue_action, name="jobs-queue-action"),
     path("workflows/new/", views.workflow_list, name="jobs-workflow-list"),
     path("workflows/new/<slug:name>/", views.workflow_new, name="jobs-workflow-new"),
-    path("workflows/<str:workflow_id>/", views.workflow_detail, name="jobs-workflow"),
-    path("workflows/<str:workflow_id>/cancel", views.workflow_cancel, name="jobs-workflow-cancel"),
+    path("workflows/<runid:workflow_id>/", views.workflow_detail, name="jobs-workflow"),
+    path(
+        "workflows/<runid:workflow_id>/cancel", views.workflow_cancel, name="jobs-workflow-cancel"
+    ),
     path("account/tokens/", account.tokens, name="account-tokens"),
     path("account/tokens/<int:token_id>/revoke", account.token_revoke, name="account-token-revoke"),
 ]

@@ -73,10 +73,9 @@ def submit(request: HttpRequest, name: str) -> HttpResponse:
     spec = specs.get(job_type.name)
     if spec is None:
         raise Http404("This job type is no longer declared in code.")
-    if not job_type.enabled:
-        raise PermissionDenied(f"“{job_type}” is disabled.")
-    if not job_type.is_runnable_by(request.user):
-        raise PermissionDenied(f"You may not run “{job_type}”.")
+    refusal = job_type.submit_refusal(request.user)
+    if refusal:
+        raise PermissionDenied(refusal)
 
     data = request.POST if request.method == "POST" else None
     form = spec.form(data=data)
@@ -264,7 +263,13 @@ def workers(request: HtmxHttpRequest) -> HttpResponse:
 def worker_action(request: HttpRequest) -> HttpResponse:
     form = WorkerActionForm(request.POST)
     if not form.is_valid():
-        return HttpResponse(f"Invalid worker action: {form.errors.as_text()}", status=400)
+        # Plain text (the value as given, never markup): the errors name a choice the
+        # request made up, and SecurityMiddleware's nosniff keeps browsers from guessing HTML.
+        errors = form.errors.items()
+        problems = "; ".join(f"{name}: {' '.join(map(str, msgs))}" for name, msgs in errors)
+        return HttpResponse(
+            f"Invalid worker action: {problems}", status=400, content_type="text/plain"
+        )
     try:
         replies = services.worker_control(user=request.user, **form.cleaned_data)
     except services.ActionError as exc:

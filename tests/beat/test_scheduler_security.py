@@ -1,0 +1,41 @@
+"""Beat's runs carry masked kwargs for Celery's logs and TaskResult (jobs/beat/scheduler.py)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
+from django_celery_beat.schedulers import ModelEntry
+from kombu import Exchange, Queue
+
+from jobs.beat.scheduler import JobsiteScheduler
+from jobsite.celery import app as celery_app
+
+SECRET = "Tr0ub4dor-3-horse"
+
+
+@pytest.mark.django_db
+def test_beat_sends_a_secret_parameter_masked_in_kwargsrepr(job_types):
+    queue = f"probe-{uuid.uuid4().hex[:8]}"
+    schedule = PeriodicTask.objects.create(
+        name="rotate nightly", task="jobs.rotate_credentials",
+        kwargs=json.dumps({"service": "billing-db", "new_password": SECRET}),
+        interval=IntervalSchedule.objects.create(every=1, period="days"),
+        queue=queue, exchange="jobsite-probe", routing_key=queue,
+    )  # fmt: skip
+    binding = Queue(queue, Exchange("jobsite-probe", type="direct"), routing_key=queue)
+    scheduler = JobsiteScheduler(app=celery_app, lazy=True)
+    with celery_app.connection_for_write() as conn:
+        with conn.SimpleQueue(binding) as raw:
+            with celery_app.producer_or_acquire() as producer:
+                scheduler.apply_entry(ModelEntry(schedule, app=celery_app), producer=producer)
+            message = raw.get(block=True, timeout=15)
+            message.ack()
+        binding(conn.default_channel).delete()
+
+    assert message.headers["task"] == "jobs.rotate_credentials"
+    assert "billing-db" in message.headers["kwargsrepr"]
+    assert SECRET not in message.headers["kwargsrepr"]
+    assert message.decode()[1] == {"service": "billing-db", "new_password": SECRET}  # the job's
