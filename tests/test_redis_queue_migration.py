@@ -21,6 +21,7 @@ from tests.conftest import BROKERS, Worker, _reachable, service_unavailable, use
 SEP = "\x06\x16"
 QUEUE = "reports_emea"  # a configured queue the tests' workers do not consume
 BINDING = "_kombu.binding.migration_test"
+PERMANENT = "_kombu.binding_permanent.migration_test"  # kombu 5.7+: the same members
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def broker() -> redis.Redis:
         service_unavailable(f"redis is not reachable at {url}")
     use_broker(url)
     client = redis.Redis.from_url(url, decode_responses=True)
-    keys = [BINDING, *(f"{QUEUE}{sep}{n}" for sep in (":", SEP) for n in range(1, 10))]
+    keys = [BINDING, PERMANENT, *(f"{QUEUE}{sep}{n}" for sep in (":", SEP) for n in range(1, 10))]
     client.delete(*keys)
     yield client
     client.delete(*keys)
@@ -63,10 +64,12 @@ def test_old_messages_move_to_the_new_keys_oldest_first_and_ahead_of_newer_ones(
 
 def test_old_bindings_are_rewritten_and_unreadable_ones_dropped(broker):
     broker.sadd(BINDING, "rk:pattern:queue", f"rk{SEP}{SEP}kept", "a:b:c:d")
+    broker.sadd(PERMANENT, "rk:pattern:queue")
 
     out = migrate()
 
     assert broker.smembers(BINDING) == {f"rk{SEP}pattern{SEP}queue", f"rk{SEP}{SEP}kept"}
+    assert broker.smembers(PERMANENT) == {f"rk{SEP}pattern{SEP}queue"}
     assert f"Unreadable binding dropped: {BINDING}: 'a:b:c:d'" in out
 
 
@@ -122,18 +125,19 @@ def test_a_worker_starting_after_the_upgrade_runs_what_waited_under_the_old_keys
     run = celery_app.send_task("jobs.count_primes", kwargs={"limit": 5000}, queue=queue, priority=5)
     # What an 0.3.1 producer left behind: its message and binding under ":" names.
     broker.rename(f"{queue}{SEP}5", f"{queue}:5")
-    table = f"_kombu.binding.{queue}"
-    for member in broker.smembers(table):
-        broker.srem(table, member)
-        broker.sadd(table, member.replace(SEP, ":"))
+    tables = (f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+    for table in tables:
+        for member in broker.smembers(table):
+            broker.srem(table, member)
+            broker.sadd(table, member.replace(SEP, ":"))
     worker = Worker("redis", BROKERS["redis"], _workers.db_url, name="test-upgrade", queues=queue)
     worker.start()
     try:
         job = wait_for(run.id)
     finally:
         worker.stop()
-        broker.delete(table, f"{queue}:5", queue)
+        broker.delete(*tables, f"{queue}:5", queue)
 
     assert (job.state, job.result) == ("SUCCESS", {"limit": 5000, "primes": 669})
     assert job.source == JobSource.EXTERNAL
-    assert "Moved 1 message(s) and 1 binding(s) from the old Redis key layout" in worker.output()
+    assert "Moved 1 message(s) and 2 binding(s) from the old Redis key layout" in worker.output()

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 LEGACY_SEP = ":"
 LEGACY_STEPS = range(1, 10)  # priority 0 lived (and lives) under the queue's own name
-BINDINGS = "_kombu.binding."
+# Binding tables, and (kombu 5.7+) the sets of the bindings that never expire.
+BINDINGS = ("_kombu.binding.", "_kombu.binding_permanent.")
 
 
 @dataclass
@@ -65,7 +66,8 @@ def redis_queues_migrate(*, dry_run: bool = False) -> RedisQueueMigration:
 def _rewrite_bindings(client, sep: str, report: RedisQueueMigration, dry_run: bool) -> set[str]:
     """Rewrite old ``rk:pattern:queue`` entries; return every queue named in a binding."""
     queues: set[str] = set()
-    for key in client.scan_iter(match=f"{BINDINGS}*", count=500):
+    keys = [key for prefix in BINDINGS for key in client.scan_iter(match=f"{prefix}*", count=500)]
+    for key in keys:
         for member in map(bytes_to_str, client.smembers(key)):
             if sep in member:
                 queues.add(member.split(sep)[-1])
