@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import cast
 
 from celery import current_app
+from kombu.transport.redis import Channel
 from kombu.utils.encoding import bytes_to_str
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def redis_queues_migrate(*, dry_run: bool = False) -> RedisQueueMigration:
     with current_app.connection_for_write() as conn:
         if conn.transport.driver_type != "redis":
             return RedisQueueMigration(broker=conn.transport.driver_type)
-        channel = conn.default_channel
+        channel = cast(Channel, conn.default_channel)  # a Redis transport's, checked above
         report = RedisQueueMigration(broker="redis")
         if channel.sep == LEGACY_SEP:  # still configured the old way: nothing is old
             return report
