@@ -195,9 +195,13 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "socket_connect_timeout": 2,
     "socket_timeout": 10,
-    # Redis: priorities 0..9 in steps, as RabbitMQ's x-max-priority queues.
+    # Redis: priorities 0..9 each in its own list, as RabbitMQ's x-max-priority queues.
+    # kombu's default key layout (its separator "\x06\x16", no `sep` here) so that
+    # Flower, `celery inspect` and producers with kombu's defaults share the broker;
+    # the 10 steps include kombu's default ones (0, 3, 6, 9): whatever such a client
+    # sends lands in a list Jobsite's workers read. (0.3.1 and before: `sep: ":"`, see
+    # CHANGELOG and `manage.py migrate_redis_queues`.)
     "priority_steps": list(range(10)),
-    "sep": ":",
     "queue_order_strategy": "priority",
 }
 # Result backend, worker consumer and beat scheduler: Jobsite's, set by jobs.celery.install

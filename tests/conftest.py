@@ -143,8 +143,10 @@ class Worker:
         queues: str = WORKER_QUEUES,
         pool: str = "prefork",
         concurrency: int = 2,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.queues = queues
+        self.args = args  # more `celery worker` options, e.g. ("-E",)
         self.pool, self.concurrency = pool, concurrency
         self.broker = broker
         self.url = url
@@ -171,7 +173,7 @@ class Worker:
             sys.executable, "-m", "celery", "-A", "jobsite", "worker",
             "--loglevel=INFO", f"--pool={self.pool}", f"--concurrency={self.concurrency}",
             f"--hostname={self.name}@%h", "--without-gossip", "--without-mingle",
-            f"--queues={self.queues}",
+            f"--queues={self.queues}", *self.args,
         ]  # fmt: skip
         with self.log.open("wb") as out:
             # Its own session, so a test can kill the whole worker (main + pool children).

@@ -2,7 +2,9 @@
 
 kombu's passive ``queue_declare`` returns the message count on both transports: on
 RabbitMQ from the broker's declare-ok, on Redis as the LLEN of the queue's list plus
-its priority sub-queues. A queue that does not exist yet counts as empty.
+its priority sub-queues. A queue that does not exist yet counts as empty. Only the
+queues the current broker has are listed: RabbitMQ's headers-exchange queues are not
+declared on Redis (jobs/routing.py), so they are no queue of a Redis broker.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 from celery import current_app
 
-from jobs.routing import ALL_QUEUE_NAMES
+from jobs import routing
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,14 @@ class QueueDepth:
     consumers: int | None
 
 
-def queue_depths(names: tuple[str, ...] = ALL_QUEUE_NAMES) -> list[QueueDepth]:
+def queue_names() -> tuple[str, ...]:
+    """The point-to-point queues Jobsite declares on the current broker, in order."""
+    declared = {queue.name for queue in routing.queues_for(current_app.conf.broker_url)}
+    return tuple(name for name in routing.ALL_QUEUE_NAMES if name in declared)
+
+
+def queue_depths(names: tuple[str, ...] | None = None) -> list[QueueDepth]:
+    names = queue_names() if names is None else names
     try:
         with current_app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)

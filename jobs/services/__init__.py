@@ -51,6 +51,10 @@ from jobs.services.messages import (
     message_kwargs,
     message_options,
 )
+from jobs.services.redis_queues import (
+    RedisQueueMigration,
+    redis_queues_migrate,
+)
 from jobs.services.runs import (
     BULK_SUBMIT_MAX,
     BulkSubmitError,
@@ -87,6 +91,7 @@ __all__ = [
     "WORKER_ACTIONS",
     "ActionError",
     "BulkSubmitError",
+    "RedisQueueMigration",
     "alert_raise",
     "alert_record_delivery",
     "alerts_check",
@@ -117,6 +122,7 @@ __all__ = [
     "queue_purge",
     "queue_set_paused",
     "queues_paused",
+    "redis_queues_migrate",
     "schedule_delete",
     "schedule_run_now",
     "schedule_save",

@@ -7,7 +7,7 @@ import time
 from django.db import close_old_connections, connection
 
 from jobs import heartbeat
-from jobs.services import queues_paused
+from jobs.services import queues_paused, redis_queues_migrate
 from jobs.worker import buffer, commit, guard, logs, tracking
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,17 @@ def on_worker_init(**kwargs) -> None:
     else:
         if indexed:
             logger.info("Indexed %d cancelled runs from before the index", indexed)
+    try:
+        # Before the consumer binds its queues: old bindings would break its lookups.
+        moved = redis_queues_migrate()
+    except Exception:  # broker away: the consumer's own retries report it
+        logger.exception("Could not move Redis queues from the old key layout")
+    else:
+        if moved.messages or moved.bindings:
+            logger.info(
+                "Moved %d message(s) and %d binding(s) from the old Redis key layout",
+                moved.messages, moved.bindings,
+            )  # fmt: skip
     on_worker_process_init()  # the solo and threads pools run tasks in this process
 
 
