@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +54,8 @@ FAILURE_LOOKBACK = timedelta(hours=1)
 FAILURE_SLACK = timedelta(days=1)
 BATCH = 500
 INCIDENT_TTL = 7 * 24 * 3600
+SUBJECT_MAX = 300  # Alert.subject's length
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]")
 
 
 @dataclass
@@ -131,7 +134,7 @@ def _failures_since_mark(now: datetime) -> list[Job]:
 def _failure_subject(job: Job) -> str:
     name = job.job_type.title if job.job_type else job.task_name
     error = f"{job.exception_type}: {job.error_message}".strip(": ")
-    return f"[Jobsite] {name} failed: {error}"[:300]
+    return f"[Jobsite] {name} failed: {error}"
 
 
 def _run_payload(job: Job) -> dict:
@@ -280,6 +283,8 @@ def _email_body(alert: Alert) -> str:
     details = json.dumps(alert.payload, indent=2, ensure_ascii=False, sort_keys=True)
     folded = alert.payload.get("folded_into_previous") or 0
     note = f"\n{folded} similar alert(s) were folded into the previous message.\n" if folded else ""
+    if alert.payload.get("previous_undelivered"):
+        note += "\nThe previous alert of this kind was not delivered (see the alerts admin).\n"
     return f"{alert.subject}\n{note}\nRule: {alert.rule.name}\n\n{details}\n"
 
 
@@ -340,20 +345,33 @@ def alert_raise(*, rule, kind: str, subject: str, payload: dict, job: Job | None
 
     Within ``rule.min_interval`` seconds of the last alert of the same kind, nothing new
     is recorded (or sent): the last one's ``suppressed`` count goes up and None is
-    returned. Otherwise a new Alert is stored, its payload saying how many were folded
-    into the previous one. The row lock keeps two concurrent checks from both sending.
+    returned — but only if that last one was delivered (no delivery error): folding into
+    an alert nobody received would silence alerting. Otherwise a new Alert is stored,
+    its payload saying how many were folded into the previous one and, when that one
+    was not delivered, which it was. The row lock keeps two concurrent checks from both
+    sending.
     """
     now = now or timezone.now()
     with transaction.atomic():
         type(rule).objects.select_for_update().filter(pk=rule.pk).first()
         last = rule.alerts.filter(kind=kind).order_by("-created_at", "-id").first()
-        if last and last.created_at > now - timedelta(seconds=rule.min_interval):
+        recent = last and last.created_at > now - timedelta(seconds=rule.min_interval)
+        if recent and not last.error:
             Alert.objects.filter(pk=last.pk).update(suppressed=F("suppressed") + 1)
             return None
         payload = {**payload, "folded_into_previous": last.suppressed if last else 0}
+        if recent:
+            payload["previous_undelivered"] = last.pk
+        subject = clean_subject(subject)
         return Alert.objects.create(
-            rule=rule, kind=kind, job=job, subject=subject[:300], payload=payload, created_at=now
+            rule=rule, kind=kind, job=job, subject=subject, payload=payload, created_at=now
         )
+
+
+def clean_subject(subject: str) -> str:
+    """One line (an e-mail header may hold no line break), at most SUBJECT_MAX characters."""
+    line = " ".join(_CONTROL.sub(" ", subject).split())
+    return line if len(line) <= SUBJECT_MAX else line[: SUBJECT_MAX - 1] + "…"
 
 
 def alert_record_delivery(*, alert, email_sent: bool, webhook_status: str, error: str) -> None:
