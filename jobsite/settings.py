@@ -326,6 +326,10 @@ JOBSITE_ALERT_HEARTBEAT_GRACE = env_int("JOBSITE_ALERT_HEARTBEAT_GRACE", 180, mi
 JOBSITE_ALERT_WEBHOOK_TIMEOUT = env_int("JOBSITE_ALERT_WEBHOOK_TIMEOUT", 5, minimum=1)
 JOBSITE_ALERT_WEBHOOK_ATTEMPTS = env_int("JOBSITE_ALERT_WEBHOOK_ATTEMPTS", 3, minimum=1)
 JOBSITE_ALERT_WEBHOOK_BACKOFF = 0.5
+# Webhooks are never sent to loopback, private, link-local, multicast, reserved or
+# unspecified addresses, except to these hosts (names, addresses or networks such as
+# 10.0.0.0/8), comma-separated. docs/security.md
+JOBSITE_WEBHOOK_ALLOWED_HOSTS = env_list("JOBSITE_WEBHOOK_ALLOWED_HOSTS", [])
 # How often beat runs the alert check (seconds). DatabaseScheduler copies
 # CELERY_BEAT_SCHEDULE into its PeriodicTask table when beat starts, so the check
 # shows in the admin's periodic tasks with no data migration.
