@@ -259,6 +259,31 @@ JOBSITE_MAX_PARAMS_BYTES = env_int("JOBSITE_MAX_PARAMS_BYTES", 64 * 1024, minimu
 # History and API page size.
 JOBSITE_PAGE_SIZE = env_int("JOBSITE_PAGE_SIZE", 50, minimum=1)
 
+# --- Abuse limits: submit rate, how far ahead a run may be put off ---------------
+# docs/security.md. Submits per user (web form, API submit, API bulk request alike):
+# "<number>/<s|min|hour|day>". Counted in Jobsite's Redis, so that every web process
+# shares one budget per user.
+JOBSITE_SUBMIT_RATE = env_str("JOBSITE_SUBMIT_RATE", "60/min")
+try:
+    _count, _period = JOBSITE_SUBMIT_RATE.split("/")
+    if int(_count) < 1 or _period[:1] not in ("s", "m", "h", "d"):
+        raise ValueError
+except ValueError:
+    raise ImproperlyConfigured(
+        f"JOBSITE_SUBMIT_RATE={JOBSITE_SUBMIT_RATE!r} is not a rate such as 60/min."
+    ) from None
+# The latest start (ETA, countdown) a submit may ask for, in days; on a Redis broker
+# also at most the visibility timeout (JOBSITE_REDIS_VISIBILITY_TIMEOUT).
+JOBSITE_MAX_ETA_DAYS = env_int("JOBSITE_MAX_ETA_DAYS", 30, minimum=1)
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "throttle": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": JOBSITE_REDIS_URL,
+        "KEY_PREFIX": "jobsite:throttle",
+    },
+}
+
 # --- Schedules (beat) -----------------------------------------------------------
 # https://django-celery-beat.readthedocs.io/en/latest/
 

@@ -1,14 +1,17 @@
-"""What a run becomes on the wire: its options, its message, and the broker breaker."""
+"""What a run becomes on the wire: its options, its message, the broker breaker, and how
+often a user may submit."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from datetime import datetime, timedelta
 
 from celery import current_app
 from django.conf import settings
+from django.core.cache import caches
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
@@ -59,6 +62,40 @@ def _effective_options(job_type: JobType, given: dict) -> dict:
         start = run_at or now + timedelta(seconds=countdown or 0)
         options["expires_at"] = (start + timedelta(seconds=expires)).isoformat()
     return options
+
+
+_PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def submit_rate_wait(*, user) -> int | None:
+    """Count a submit against the user's JOBSITE_SUBMIT_RATE; seconds to wait if over it.
+
+    Django REST framework's sliding log (SimpleRateThrottle), kept here so that the web
+    form and the API draw on one budget per user: the submit times of the last period,
+    in the "throttle" cache (Jobsite's Redis, shared by every web process). A refused
+    submit is not counted. Two requests at the same instant may both pass (the read and
+    the write are not atomic), as with DRF's throttles. If the cache is unreachable the
+    submit is allowed: a rate limit must not make submitting depend on Redis.
+    """
+    count, period = settings.JOBSITE_SUBMIT_RATE.split("/")
+    number, duration = int(count), _PERIODS[period[0]]
+    key, now = f"submit:{user.pk}", time.time()
+    cache = caches["throttle"]
+    try:
+        history = [at for at in cache.get(key, []) if at > now - duration]
+        if len(history) >= number:
+            return max(1, math.ceil(duration - (now - history[-1])))
+        cache.set(key, [now, *history], duration)
+    except Exception:  # Redis away: allow, and say so
+        logger.warning("Submit rate not checked: the throttle cache failed", exc_info=True)
+    return None
+
+
+def submit_rate_message(wait: int) -> str:
+    return (
+        f"Too many submits: at most {settings.JOBSITE_SUBMIT_RATE} per user "
+        f"(JOBSITE_SUBMIT_RATE). Try again in {wait} s."
+    )
 
 
 def _parse_time(value: str | None) -> datetime | None:
