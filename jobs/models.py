@@ -484,9 +484,10 @@ def webhook_target(url: str) -> tuple[str, int, list[str]]:
     host = parts.hostname
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except ValueError:
         raise WebhookRefused("The webhook URL's port is not a valid number.") from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         raise WebhookRefused(f"The webhook host {host} does not resolve.") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))

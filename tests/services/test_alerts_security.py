@@ -282,6 +282,7 @@ def test_connection_faults_are_recorded_alike_so_staff_cannot_scan_ports(job_typ
         ("http://0.0.0.0/hook", "unspecified"),
         ("http://240.0.0.1/hook", "reserved"),
         ("ftp://example.com/hook", "http"),
+        ("http://nowhere.invalid/hook", "does not resolve"),
     ],
 )
 def test_a_rule_pointing_at_an_internal_address_is_refused_at_save(job_types, url, message):
