@@ -261,8 +261,8 @@ JOBSITE_PAGE_SIZE = env_int("JOBSITE_PAGE_SIZE", 50, minimum=1)
 
 # --- Abuse limits: submit rate, how far ahead a run may be put off ---------------
 # docs/security.md. Submits per user (web form, API submit, API bulk request alike):
-# "<number>/<s|min|hour|day>". Counted in Jobsite's Redis, so that every web process
-# shares one budget per user.
+# "<number>/<s|min|hour|day>". Counted in Jobsite's Redis (JOBSITE_REDIS_URL), so that
+# every web process shares one budget per user.
 JOBSITE_SUBMIT_RATE = env_str("JOBSITE_SUBMIT_RATE", "60/min")
 try:
     _count, _period = JOBSITE_SUBMIT_RATE.split("/")
@@ -275,14 +275,6 @@ except ValueError:
 # The latest start (ETA, countdown) a submit may ask for, in days; on a Redis broker
 # also at most the visibility timeout (JOBSITE_REDIS_VISIBILITY_TIMEOUT).
 JOBSITE_MAX_ETA_DAYS = env_int("JOBSITE_MAX_ETA_DAYS", 30, minimum=1)
-CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "throttle": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": JOBSITE_REDIS_URL,
-        "KEY_PREFIX": "jobsite:throttle",
-    },
-}
 
 # --- Schedules (beat) -----------------------------------------------------------
 # https://django-celery-beat.readthedocs.io/en/latest/
