@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
+from typing import NoReturn
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -113,14 +115,16 @@ THROTTLED = _error(
 )
 
 
-class SubmitThrottledMixin:
-    throttle_classes = [SubmitThrottle]
+class SubmitAPIView(APIView):
+    """A view whose POSTs submit runs: throttled, with Jobsite's message."""
 
-    def throttled(self, request, wait) -> None:
+    throttle_classes: Sequence[type[throttling.BaseThrottle]] = [SubmitThrottle]
+
+    def throttled(self, request: Request, wait: float) -> NoReturn:
         raise SubmitThrottled(wait)
 
 
-class RunListView(SubmitThrottledMixin, APIView):
+class RunListView(SubmitAPIView):
     @extend_schema(
         operation_id="runs_list",
         summary="Runs you may see, newest first",
@@ -196,7 +200,7 @@ class RunListView(SubmitThrottledMixin, APIView):
         return _run_response(request, job, status.HTTP_201_CREATED if created else 200)
 
 
-class RunBulkView(SubmitThrottledMixin, APIView):
+class RunBulkView(SubmitAPIView):
     @extend_schema(
         operation_id="runs_submit_bulk",
         summary="Submit many runs at once",
