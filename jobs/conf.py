@@ -31,6 +31,11 @@ class JobsiteConf(AppConf):
     ALERT_WEBHOOK_ATTEMPTS = 3
     ALERT_WEBHOOK_BACKOFF = 0.5
     ALERTS_CHECK_EVERY = 60
+    # Alert webhooks reach non-global addresses only for these hosts or networks.
+    WEBHOOK_ALLOWED_HOSTS: list[str] = []
+    # Submits per user ("<number>/<s|min|hour|day>"); how far ahead a run may start.
+    SUBMIT_RATE = "60/min"
+    MAX_ETA_DAYS = 30
     RELAY_EVERY = 15
     LOST_AFTER = 300
     RETENTION_DAYS = 30

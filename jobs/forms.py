@@ -5,8 +5,40 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import cast
 
+from celery import current_app
 from django import forms
+from django.conf import settings
 from django.utils import timezone
+
+
+def max_eta() -> timedelta:
+    """How far ahead a run may be put off (run_at, countdown).
+
+    JOBSITE_MAX_ETA_DAYS; on a Redis broker also at most the visibility timeout: a
+    message with an ETA waits unacknowledged in a worker, and Redis hands it to another
+    worker once it has waited that long, so a later ETA would run the job twice (or,
+    for a guarded job type, leave copies circulating until it runs).
+    """
+    limit = timedelta(days=settings.JOBSITE_MAX_ETA_DAYS)
+    if _on_redis():
+        options = current_app.conf.broker_transport_options or {}
+        limit = min(limit, timedelta(seconds=options.get("visibility_timeout", 3600)))
+    return limit
+
+
+def _on_redis() -> bool:
+    url = (current_app.conf.broker_url or "").split(";")[0]
+    return url.split("://")[0].split("+")[0] in ("redis", "rediss", "sentinel")
+
+
+def _eta_refusal(limit: timedelta) -> str:
+    if limit < timedelta(days=settings.JOBSITE_MAX_ETA_DAYS):
+        return (
+            f"A run may start at most {int(limit.total_seconds()):,} s ahead: on Redis, a "
+            "message waiting longer than the visibility timeout is delivered again."
+        )
+    return f"A run may start at most {settings.JOBSITE_MAX_ETA_DAYS} days ahead."
+
 
 # --- Submit options ------------------------------------------------------------
 
@@ -60,4 +92,12 @@ class SubmitOptionsForm(forms.Form):
         run_at = self.cleaned_data.get("run_at")
         if run_at and run_at < timezone.now() - timedelta(minutes=1):
             raise forms.ValidationError("This time is in the past.")
+        if run_at and run_at > timezone.now() + max_eta():
+            raise forms.ValidationError(_eta_refusal(max_eta()))
         return run_at
+
+    def clean_countdown(self):
+        countdown = self.cleaned_data.get("countdown")
+        if countdown and timedelta(seconds=countdown) > max_eta():
+            raise forms.ValidationError(_eta_refusal(max_eta()))
+        return countdown

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
@@ -461,6 +465,76 @@ class ApiToken(models.Model):
         return self.revoked_at is None
 
 
+# --- Webhook targets: alerts never POST into the site's own network -----------------------
+
+# In this order: 127.0.0.1 is also "private", 169.254.169.254 too.
+_REFUSED_KINDS = (
+    ("is_loopback", "loopback"),
+    ("is_link_local", "link-local"),
+    ("is_multicast", "multicast"),
+    ("is_unspecified", "unspecified"),
+    ("is_reserved", "reserved"),
+    ("is_private", "private"),
+)
+
+
+class WebhookRefused(ValueError):
+    """A webhook URL Jobsite does not send to: its scheme, or an address it resolves to."""
+
+
+def webhook_target(url: str) -> tuple[str, int, list[str]]:
+    """The host, port and addresses of a webhook URL that may be sent to, resolved now.
+
+    Refuses (WebhookRefused) anything but http(s), and hosts with any address that is
+    loopback, link-local, multicast, unspecified, reserved, private or otherwise not
+    global, unless JOBSITE_WEBHOOK_ALLOWED_HOSTS lists the host or a network holding
+    the address. Checked when a rule is saved and again before each send, which then
+    connects to one of the addresses returned: a DNS answer that changes in between
+    cannot point the request elsewhere.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookRefused("Only http:// and https:// webhook URLs with a host are sent to.")
+    host = parts.hostname
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise WebhookRefused("The webhook URL's port is not a valid number.") from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise WebhookRefused(f"The webhook host {host} does not resolve.") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    allowed = [entry.lower() for entry in settings.JOBSITE_WEBHOOK_ALLOWED_HOSTS]
+    if host.lower() not in allowed:
+        for address in addresses:
+            kind = _internal_kind(address, allowed)
+            if kind:
+                raise WebhookRefused(
+                    f"The webhook host {host} resolves to {address}, a {kind} address. "
+                    "Webhooks are not sent to loopback, private, link-local, multicast, "
+                    "reserved or unspecified addresses unless JOBSITE_WEBHOOK_ALLOWED_HOSTS "
+                    "lists the host."
+                )
+    return host, port, addresses
+
+
+def _internal_kind(address: str, allowed: list[str]) -> str | None:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # without an IPv6 zone
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    for entry in allowed:
+        try:
+            if ip in ipaddress.ip_network(entry, strict=False):
+                return None
+        except ValueError:  # a host name, not a network
+            continue
+    for attribute, kind in _REFUSED_KINDS:
+        if getattr(ip, attribute):
+            return kind
+    return None if ip.is_global else "non-global"  # e.g. 100.64.0.0/10
+
+
 class AlertRule(models.Model):
     """When to notify whom: a run failing for good, a missed schedule, a lost heartbeat."""
 
@@ -495,6 +569,14 @@ class AlertRule(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        super().clean()
+        if self.webhook_url:
+            try:
+                webhook_target(self.webhook_url)
+            except WebhookRefused as exc:
+                raise ValidationError({"webhook_url": str(exc)}) from None
 
 
 class Alert(models.Model):

@@ -162,7 +162,12 @@ CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", not DEBUG)
 SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0 if DEBUG else 31536000)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", not DEBUG)
 SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", not DEBUG)
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Only behind a proxy that sets X-Forwarded-Proto itself (and strips the client's):
+# trusted without one, any client could claim https. docs/security.md
+JOBSITE_TRUST_X_FORWARDED_PROTO = env_bool("JOBSITE_TRUST_X_FORWARDED_PROTO", False)
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_X_FORWARDED_PROTO", "https") if JOBSITE_TRUST_X_FORWARDED_PROTO else None
+)
 SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
@@ -258,6 +263,23 @@ JOBSITE_MAX_PARAMS_BYTES = env_int("JOBSITE_MAX_PARAMS_BYTES", 64 * 1024, minimu
 # History and API page size.
 JOBSITE_PAGE_SIZE = env_int("JOBSITE_PAGE_SIZE", 50, minimum=1)
 
+# --- Abuse limits: submit rate, how far ahead a run may be put off ---------------
+# docs/security.md. Submits per user (web form, API submit, API bulk request alike):
+# "<number>/<s|min|hour|day>". Counted in Jobsite's Redis (JOBSITE_REDIS_URL), so that
+# every web process shares one budget per user.
+JOBSITE_SUBMIT_RATE = env_str("JOBSITE_SUBMIT_RATE", "60/min")
+try:
+    _count, _period = JOBSITE_SUBMIT_RATE.split("/")
+    if int(_count) < 1 or _period[:1] not in ("s", "m", "h", "d"):
+        raise ValueError
+except ValueError:
+    raise ImproperlyConfigured(
+        f"JOBSITE_SUBMIT_RATE={JOBSITE_SUBMIT_RATE!r} is not a rate such as 60/min."
+    ) from None
+# The latest start (ETA, countdown) a submit may ask for, in days; on a Redis broker
+# also at most the visibility timeout (JOBSITE_REDIS_VISIBILITY_TIMEOUT).
+JOBSITE_MAX_ETA_DAYS = env_int("JOBSITE_MAX_ETA_DAYS", 30, minimum=1)
+
 # --- Schedules (beat) -----------------------------------------------------------
 # https://django-celery-beat.readthedocs.io/en/latest/
 
@@ -325,6 +347,10 @@ JOBSITE_ALERT_HEARTBEAT_GRACE = env_int("JOBSITE_ALERT_HEARTBEAT_GRACE", 180, mi
 JOBSITE_ALERT_WEBHOOK_TIMEOUT = env_int("JOBSITE_ALERT_WEBHOOK_TIMEOUT", 5, minimum=1)
 JOBSITE_ALERT_WEBHOOK_ATTEMPTS = env_int("JOBSITE_ALERT_WEBHOOK_ATTEMPTS", 3, minimum=1)
 JOBSITE_ALERT_WEBHOOK_BACKOFF = 0.5
+# Webhooks are never sent to loopback, private, link-local, multicast, reserved or
+# unspecified addresses, except to these hosts (names, addresses or networks such as
+# 10.0.0.0/8), comma-separated. docs/security.md
+JOBSITE_WEBHOOK_ALLOWED_HOSTS = env_list("JOBSITE_WEBHOOK_ALLOWED_HOSTS", [])
 # How often beat runs the alert check (seconds). DatabaseScheduler copies
 # CELERY_BEAT_SCHEDULE into its PeriodicTask table when beat starts, so the check
 # shows in the admin's periodic tasks with no data migration.

@@ -36,6 +36,12 @@ def _fresh_marks():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _local_webhooks(settings):
+    """The test webhooks listen on 127.0.0.1: refused unless allowed (see the SSRF tests)."""
+    settings.JOBSITE_WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1"]
+
+
 class Webhook:
     """A real HTTP server on 127.0.0.1 that records the POSTs it receives."""
 

@@ -26,6 +26,8 @@ COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 APP_SERVICES = ("web", "worker", "beat")
 INFRASTRUCTURE_SERVICES = ("postgres", "redis", "rabbitmq")
 AMQP_URL = "amqp://guest:guest@rabbitmq:5672//"
+# The file requires DJANGO_SECRET_KEY; every check but the one about it sets this.
+TEST_SECRET_KEY = "compose-test-secret-key"
 
 _YAML_TO_JSON = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
 
@@ -59,7 +61,7 @@ class Compose:
             for name in ("PATH", "HOME", "LANG", "LC_ALL")
             if name in os.environ
         }
-        environment.update(env or {})
+        environment.update({"DJANGO_SECRET_KEY": TEST_SECRET_KEY, **(env or {})})
         return subprocess.run(
             [self.executable, "--env-file", str(self.env_file), "-f", str(COMPOSE_FILE), *args],
             cwd=REPO_ROOT,
@@ -142,6 +144,20 @@ def test_compose_file_is_valid(compose):
     result = compose.run("config", "--quiet")
 
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_refuses_to_start_without_a_secret_key(compose):
+    result = compose.run("config", "--quiet", env={"DJANGO_SECRET_KEY": ""})
+
+    assert result.returncode != 0
+    assert "set DJANGO_SECRET_KEY" in result.stderr
+
+
+def test_the_secret_key_comes_from_the_environment(compose):
+    for name in APP_SERVICES:
+        assert compose.config()["services"][name]["environment"]["DJANGO_SECRET_KEY"] == (
+            TEST_SECRET_KEY
+        ), name
 
 
 def test_compose_file_uses_the_compose_specification_without_a_version_key():

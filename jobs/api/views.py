@@ -12,6 +12,9 @@ see), 409 (the action does not apply to the run now) or 413 (parameters too larg
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
+from typing import NoReturn
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -19,7 +22,7 @@ from django.urls import reverse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import exceptions, permissions, serializers, status
+from rest_framework import exceptions, permissions, serializers, status, throttling
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.utils.urls import replace_query_param
@@ -38,6 +41,7 @@ from jobs.api.serializers import (
 )
 from jobs.forms import SubmitOptionsForm
 from jobs.models import Job, JobSource, JobState, JobType
+from jobs.services.messages import submit_rate_message, submit_rate_wait
 
 MAX_PAGE_SIZE = 200
 
@@ -85,7 +89,42 @@ RUN_FILTERS = [
 # --- Runs ---------------------------------------------------------------------------
 
 
-class RunListView(APIView):
+class SubmitThrottle(throttling.BaseThrottle):
+    """POSTs count against the user's JOBSITE_SUBMIT_RATE (shared with the web form).
+
+    A bulk request counts once, like a single submit: its 1,000 items at most bound it.
+    """
+
+    def allow_request(self, request, view) -> bool:
+        self.retry_after = None
+        if request.method == "POST":
+            self.retry_after = submit_rate_wait(user=request.user)
+        return self.retry_after is None
+
+    def wait(self) -> float | None:
+        return self.retry_after
+
+
+class SubmitThrottled(exceptions.Throttled):
+    def __init__(self, wait: float) -> None:
+        super().__init__(wait, detail=submit_rate_message(math.ceil(wait)))
+
+
+THROTTLED = _error(
+    "Over JOBSITE_SUBMIT_RATE: the Retry-After header says in how many seconds to try again."
+)
+
+
+class SubmitAPIView(APIView):
+    """A view whose POSTs submit runs: throttled, with Jobsite's message."""
+
+    throttle_classes: Sequence[type[throttling.BaseThrottle]] = [SubmitThrottle]
+
+    def throttled(self, request: Request, wait: float) -> NoReturn:
+        raise SubmitThrottled(wait)
+
+
+class RunListView(SubmitAPIView):
     @extend_schema(
         operation_id="runs_list",
         summary="Runs you may see, newest first",
@@ -131,6 +170,7 @@ class RunListView(APIView):
             403: _error("The job type is internal or disabled, or you may not run it."),
             404: _error("No job type by that name."),
             413: _error("The parameters are larger than JOBSITE_MAX_PARAMS_BYTES."),
+            429: THROTTLED,
         },
     )
     def post(self, request: Request) -> Response:
@@ -160,7 +200,7 @@ class RunListView(APIView):
         return _run_response(request, job, status.HTTP_201_CREATED if created else 200)
 
 
-class RunBulkView(APIView):
+class RunBulkView(SubmitAPIView):
     @extend_schema(
         operation_id="runs_submit_bulk",
         summary="Submit many runs at once",
@@ -179,6 +219,7 @@ class RunBulkView(APIView):
                 "for an empty or too long list. Nothing was stored.",
             ),
             401: UNAUTHENTICATED,
+            429: THROTTLED,
         },
     )
     def post(self, request: Request) -> Response:

@@ -21,13 +21,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import logging
+import re
+import socket
+import ssl
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.mail import send_mail
@@ -38,7 +41,7 @@ from redis.exceptions import LockError
 
 from jobs import redis
 from jobs.heartbeat import beat_last_seen
-from jobs.models import Alert, AlertRule, Job, JobState
+from jobs.models import Alert, AlertRule, Job, JobState, WebhookRefused, webhook_target
 from jobs.selectors.workers import workers_online
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ FAILURE_LOOKBACK = timedelta(hours=1)
 FAILURE_SLACK = timedelta(days=1)
 BATCH = 500
 INCIDENT_TTL = 7 * 24 * 3600
+SUBJECT_MAX = 300  # Alert.subject's length
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]")
 
 
 @dataclass
@@ -131,7 +136,7 @@ def _failures_since_mark(now: datetime) -> list[Job]:
 def _failure_subject(job: Job) -> str:
     name = job.job_type.title if job.job_type else job.task_name
     error = f"{job.exception_type}: {job.error_message}".strip(": ")
-    return f"[Jobsite] {name} failed: {error}"[:300]
+    return f"[Jobsite] {name} failed: {error}"
 
 
 def _run_payload(job: Job) -> dict:
@@ -280,6 +285,8 @@ def _email_body(alert: Alert) -> str:
     details = json.dumps(alert.payload, indent=2, ensure_ascii=False, sort_keys=True)
     folded = alert.payload.get("folded_into_previous") or 0
     note = f"\n{folded} similar alert(s) were folded into the previous message.\n" if folded else ""
+    if alert.payload.get("previous_undelivered"):
+        note += "\nThe previous alert of this kind was not delivered (see the alerts admin).\n"
     return f"{alert.subject}\n{note}\nRule: {alert.rule.name}\n\n{details}\n"
 
 
@@ -302,10 +309,11 @@ def signature(body: bytes, secret: str) -> str:
 def post_webhook(url: str, body: bytes, secret: str) -> tuple[str, str]:
     """POST the JSON body, retried with backoff on 5xx/429/network errors: (status, error).
 
-    urllib from the standard library is enough for one signed POST with a timeout.
+    Each attempt checks the URL's addresses again (models.webhook_target) and connects to
+    the one it checked; redirects are never followed. What is stored for staff to see
+    says only "unreachable" for every connection fault — refused, reset, timed out — so
+    that webhooks cannot be used to scan ports; the detail goes to the log.
     """
-    if not url.lower().startswith(("http://", "https://")):
-        return "refused", f"only http(s) webhook URLs are sent to, not {url!r}"
     headers = {"Content-Type": "application/json", "User-Agent": "Jobsite-Alerts/1"}
     if secret:
         headers["X-Jobsite-Signature"] = signature(body, secret)
@@ -322,17 +330,57 @@ def post_webhook(url: str, body: bytes, secret: str) -> tuple[str, str]:
 
 def _post_once(url: str, body: bytes, headers: dict) -> tuple[str, str, bool]:
     """One attempt: (status, error, worth retrying)."""
-    # The scheme was checked in post_webhook: http(s) only, never file: or others.
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
-    timeout = settings.JOBSITE_ALERT_WEBHOOK_TIMEOUT
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:  # noqa: S310
-            return str(r.status), "", False
-    except urllib.error.HTTPError as exc:
-        retry = exc.code >= 500 or exc.code == 429
-        return str(exc.code), f"HTTP {exc.code} {exc.reason}", retry
-    except (urllib.error.URLError, OSError) as exc:  # refused, DNS, timeout
-        return "unreachable", str(getattr(exc, "reason", exc)), True
+        host, port, addresses = webhook_target(url)
+    except WebhookRefused as exc:
+        return "refused", str(exc), False
+    parts = urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection_class = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+    connection = connection_class(
+        host, port, address=addresses[0], timeout=settings.JOBSITE_ALERT_WEBHOOK_TIMEOUT
+    )
+    try:
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        code, reason = response.status, response.reason
+    except (OSError, http.client.HTTPException) as exc:  # refused, reset, timeout, TLS, ...
+        logger.warning("Webhook %s (%s) unreachable: %r", url, addresses[0], exc)
+        return "unreachable", UNREACHABLE, True
+    finally:
+        connection.close()
+    if 300 <= code < 400:
+        return str(code), f"HTTP {code}: redirect refused (webhooks do not follow redirects)", False
+    if code >= 400:
+        return str(code), f"HTTP {code} {reason}", code >= 500 or code == 429
+    return str(code), "", False
+
+
+UNREACHABLE = "no answer (connection failed, closed or timed out)"
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to the address that was checked, not to a fresh DNS answer."""
+
+    def __init__(self, host: str, port: int, *, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """The same over TLS, the certificate checked against the URL's host name."""
+
+    def __init__(self, host: str, port: int, *, address: str, timeout: float) -> None:
+        self.tls = ssl.create_default_context()
+        super().__init__(host, port, timeout=timeout, context=self.tls)
+        self.address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
 
 
 def alert_raise(*, rule, kind: str, subject: str, payload: dict, job: Job | None = None, now=None):
@@ -340,20 +388,33 @@ def alert_raise(*, rule, kind: str, subject: str, payload: dict, job: Job | None
 
     Within ``rule.min_interval`` seconds of the last alert of the same kind, nothing new
     is recorded (or sent): the last one's ``suppressed`` count goes up and None is
-    returned. Otherwise a new Alert is stored, its payload saying how many were folded
-    into the previous one. The row lock keeps two concurrent checks from both sending.
+    returned — but only if that last one was delivered (no delivery error): folding into
+    an alert nobody received would silence alerting. Otherwise a new Alert is stored,
+    its payload saying how many were folded into the previous one and, when that one
+    was not delivered, which it was. The row lock keeps two concurrent checks from both
+    sending.
     """
     now = now or timezone.now()
     with transaction.atomic():
         type(rule).objects.select_for_update().filter(pk=rule.pk).first()
         last = rule.alerts.filter(kind=kind).order_by("-created_at", "-id").first()
-        if last and last.created_at > now - timedelta(seconds=rule.min_interval):
+        recent = last and last.created_at > now - timedelta(seconds=rule.min_interval)
+        if recent and not last.error:
             Alert.objects.filter(pk=last.pk).update(suppressed=F("suppressed") + 1)
             return None
         payload = {**payload, "folded_into_previous": last.suppressed if last else 0}
+        if recent:
+            payload["previous_undelivered"] = last.pk
+        subject = clean_subject(subject)
         return Alert.objects.create(
-            rule=rule, kind=kind, job=job, subject=subject[:300], payload=payload, created_at=now
+            rule=rule, kind=kind, job=job, subject=subject, payload=payload, created_at=now
         )
+
+
+def clean_subject(subject: str) -> str:
+    """One line (an e-mail header may hold no line break), at most SUBJECT_MAX characters."""
+    line = " ".join(_CONTROL.sub(" ", subject).split())
+    return line if len(line) <= SUBJECT_MAX else line[: SUBJECT_MAX - 1] + "…"
 
 
 def alert_record_delivery(*, alert, email_sent: bool, webhook_status: str, error: str) -> None:

@@ -1,18 +1,22 @@
-"""What a run becomes on the wire: its options, its message, and the broker breaker."""
+"""What a run becomes on the wire: its options, its message, the broker breaker, and how
+often a user may submit."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+import uuid
 from datetime import datetime, timedelta
 
 from celery import current_app
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.utils import timezone
+from redis.exceptions import RedisError
 
-from jobs import routing, specs
+from jobs import redis, routing, specs
 from jobs.models import (
     Job,
     JobType,
@@ -85,6 +89,48 @@ def _effective_options(job_type: JobType, given: dict) -> dict:
         start = run_at or now + timedelta(seconds=countdown or 0)
         options["expires_at"] = (start + timedelta(seconds=expires)).isoformat()
     return options
+
+
+_PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+THROTTLE_KEY = "jobsite:throttle:submit:"
+
+
+def submit_rate_wait(*, user) -> int | None:
+    """Count a submit against the user's JOBSITE_SUBMIT_RATE; seconds to wait if over it.
+
+    A sliding log, as Django REST framework's throttles keep, but in Jobsite's Redis (a
+    sorted set of submit times per user), so that the web form and the API, in every
+    web process, draw on one budget. Not a Django cache alias on that Redis: a cache's
+    clear() is FLUSHDB there, and the clear_caches job clears every alias. A refused
+    submit is not counted. Two requests at the same instant may both pass (the count
+    and the add are two round trips), as with DRF's throttles. If Redis cannot be
+    reached the submit is allowed: a rate limit must not make submitting depend on it.
+    """
+    count, period = settings.JOBSITE_SUBMIT_RATE.split("/")
+    number, duration = int(count), _PERIODS[period[0]]
+    key, now = f"{THROTTLE_KEY}{user.pk}", time.time()
+    try:
+        pipe = redis.client().pipeline()
+        pipe.zremrangebyscore(key, "-inf", now - duration)
+        pipe.zrange(key, 0, -1, withscores=True)
+        _, history = pipe.execute()
+        if len(history) >= number:
+            # Free again when the submit `number` places back leaves the window.
+            return max(1, math.ceil(history[len(history) - number][1] + duration - now))
+        pipe = redis.client().pipeline()
+        pipe.zadd(key, {f"{now:.6f}-{uuid.uuid4().hex[:8]}": now})
+        pipe.expire(key, duration)
+        pipe.execute()
+    except RedisError:
+        logger.warning("Submit rate not checked: Jobsite's Redis failed", exc_info=True)
+    return None
+
+
+def submit_rate_message(wait: int) -> str:
+    return (
+        f"Too many submits: at most {settings.JOBSITE_SUBMIT_RATE} per user "
+        f"(JOBSITE_SUBMIT_RATE). Try again in {wait} s."
+    )
 
 
 def _parse_time(value: str | None) -> datetime | None:

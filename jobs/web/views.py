@@ -24,6 +24,7 @@ from jobs.forms import SubmitOptionsForm
 from jobs.models import JobType
 from jobs.selectors import broker
 from jobs.selectors import workers as worker_info
+from jobs.services.messages import submit_rate_message, submit_rate_wait
 from jobs.web.forms import WorkerActionForm
 
 
@@ -80,7 +81,8 @@ def submit(request: HttpRequest, name: str) -> HttpResponse:
     data = request.POST if request.method == "POST" else None
     form = spec.form(data=data)
     options_form = SubmitOptionsForm(data=data, job_type=job_type)
-    if request.method == "POST" and form.is_valid() and options_form.is_valid():
+    wait = _submit_wait(request, form)
+    if request.method == "POST" and not wait and form.is_valid() and options_form.is_valid():
         params = specs.to_json(form.cleaned_data)
         try:
             job = services.job_submit(
@@ -100,9 +102,25 @@ def submit(request: HttpRequest, name: str) -> HttpResponse:
             else:
                 messages.success(request, f"Submitted “{job_type}”.")
             return redirect(job)
-    status = 400 if request.method == "POST" else 200
     context = {"job_type": job_type, "form": form, "options_form": options_form}
-    return render(request, "jobs/submit.html", context, status=status)
+    return _form_page(request, "jobs/submit.html", context, wait)
+
+
+def _submit_wait(request: HttpRequest, form) -> int | None:
+    """A POST counts against the user's submit rate; over it, the form says so."""
+    wait = submit_rate_wait(user=request.user) if request.method == "POST" else None
+    if wait:
+        form.add_error(None, submit_rate_message(wait))
+    return wait
+
+
+def _form_page(request: HttpRequest, template: str, context: dict, wait: int | None):
+    """The form again: 429 with Retry-After when throttled, 400 after a refused POST."""
+    status = 429 if wait else 400 if request.method == "POST" else 200
+    response = render(request, template, context, status=status)
+    if wait:
+        response["Retry-After"] = str(wait)
+    return response
 
 
 @require_GET
@@ -173,7 +191,8 @@ def rerun(request: HttpRequest, job_id: str) -> HttpResponse:
     data = request.POST if request.method == "POST" else None
     form = spec.form(data=data, initial=spec.mask(job.params))
     options_form = SubmitOptionsForm(data=data, job_type=job_type, initial=_option_initial(job))
-    if request.method == "POST" and form.is_valid() and options_form.is_valid():
+    wait = _submit_wait(request, form)
+    if request.method == "POST" and not wait and form.is_valid() and options_form.is_valid():
         params = selectors.unmask(spec, specs.to_json(form.cleaned_data), job.params)
         try:
             new = services.job_rerun(
@@ -185,7 +204,7 @@ def rerun(request: HttpRequest, job_id: str) -> HttpResponse:
             messages.success(request, "Rerun submitted.")
             return redirect(new)
     context = {"job_type": job_type, "form": form, "options_form": options_form, "rerun_of": job}
-    return render(request, "jobs/submit.html", context, status=400 if data else 200)
+    return _form_page(request, "jobs/submit.html", context, wait)
 
 
 def _option_initial(job) -> dict:
@@ -341,7 +360,8 @@ def workflow_new(request: HttpRequest, name: str) -> HttpResponse:
     if template not in selectors.workflow_templates_runnable(user=request.user):
         raise PermissionDenied(f"You may not run every step of “{template.title}”.")
     form = template.form(data=request.POST if request.method == "POST" else None)
-    if request.method == "POST" and form.is_valid():
+    wait = _submit_wait(request, form)
+    if request.method == "POST" and not wait and form.is_valid():
         try:
             root = services.workflow_submit(
                 workflow=template.name, params=form.cleaned_data, user=request.user
@@ -351,10 +371,8 @@ def workflow_new(request: HttpRequest, name: str) -> HttpResponse:
         else:
             messages.success(request, f"Started “{template.title}”.")
             return redirect("jobs-workflow", root.pk)
-    status = 400 if request.method == "POST" else 200
-    return render(
-        request, "jobs/workflow_new.html", {"template": template, "form": form}, status=status
-    )
+    context = {"template": template, "form": form}
+    return _form_page(request, "jobs/workflow_new.html", context, wait)
 
 
 @require_GET

@@ -3,7 +3,8 @@
 Celery already refuses what it cannot run (undecodable or non-JSON bodies, unknown
 task names, malformed headers) and only logs it; these overrides also write an audit
 entry, so an operator sees that something put a bad message on the broker, and refuse
-messages over JOBSITE_MAX_MESSAGE_BYTES before they reach a pool process.
+messages over JOBSITE_MAX_MESSAGE_BYTES before they reach a pool process. Compressed
+bodies are held to the same limit while they are decompressed (jobs.worker.compression).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from django.db import close_old_connections
 
 from jobs.models import AuditAction, AuditOutcome
 from jobs.services import audit_record
-from jobs.worker import buffer, commit
+from jobs.worker import buffer, commit, compression
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class JobsiteConsumer(Consumer):
         handle = super().create_task_handler(*args, **kwargs)
         commit.install(self)
         limit = settings.JOBSITE_MAX_MESSAGE_BYTES
+        # kombu decompresses as it builds each Message, before on_task_received below.
+        compression.install(limit)
 
         def on_task_received(message):
             message.ack_log_error = self._safe_ack(message, (message.headers or {}).get("id"))
@@ -118,7 +121,11 @@ class JobsiteConsumer(Consumer):
         return super().shutdown()
 
     def on_decode_error(self, message, exc):
-        record_rejected(message, f"undecodable: {exc!r}")
+        if isinstance(exc, compression.TooLarge):
+            logger.error("Rejected a compressed message: %s", exc)
+            record_rejected(message, str(exc))
+        else:
+            record_rejected(message, f"undecodable: {exc!r}")
         return super().on_decode_error(message, exc)
 
     def on_unknown_message(self, body, message):

@@ -1,4 +1,9 @@
-"""Log capture: the log lines a run writes, buffered and stored as JobLog rows, masked."""
+"""Log capture: the log lines a run writes, buffered and stored as JobLog rows, masked.
+
+The same secret values are masked in every other log record the worker makes
+(``install_secret_mask``), so the console log and any handler added later never show
+them either.
+"""
 
 from __future__ import annotations
 
@@ -85,7 +90,66 @@ class JobLogCapture(logging.Handler):
 log_capture = JobLogCapture()
 
 
+class SecretMask(logging.Filter):
+    """Masks the secret parameters of the runs in progress in this process, in place.
+
+    The values come from the log capture (set at task_prerun, dropped at postrun): every
+    run in the process counts, so a thread logging for another run is masked too. A
+    record that holds no secret is left as it is (its msg and args untouched).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        running = [s for values in log_capture.secrets.values() for s in values]
+        if not running:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: let the handler report it as usual
+            return True
+        masked = _mask(message, running)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        if record.exc_info and not record.exc_text:
+            text = _formatter.formatException(record.exc_info)
+            if _mask(text, running) != text:  # else the handler's own formatter formats it
+                record.exc_text = _mask(text, running)
+        if record.stack_info:
+            record.stack_info = _mask(record.stack_info, running)
+        return True
+
+
+def _mask(text: str, secrets: list[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
+
+
+_formatter = logging.Formatter()
+secret_mask = SecretMask()
+
+
+def install_secret_mask() -> None:
+    """Mask secrets in every record this process makes, for every handler.
+
+    A filter on the root's handlers would miss records of loggers that do not
+    propagate (Celery's ``celery.task`` logger has its own handler) and handlers added
+    after it was installed, so the filter runs where each record is made instead.
+    """
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "masks_secrets", False):
+        return
+
+    def masked_record(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        secret_mask.filter(record)
+        return record
+
+    masked_record.masks_secrets = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(masked_record)
+
+
 def install_log_capture() -> None:
+    install_secret_mask()
     root = logging.getLogger()
     if log_capture not in root.handlers:
         root.addHandler(log_capture)

@@ -15,11 +15,15 @@ class Command(BaseCommand):
         if User.objects.filter(is_superuser=True).exists():
             return
         username = os.environ.get("DJANGO_SUPERUSER_USERNAME", "admin")
-        password = os.environ.get("DJANGO_SUPERUSER_PASSWORD") or secrets.token_urlsafe(12)
+        given = os.environ.get("DJANGO_SUPERUSER_PASSWORD")
+        password = given or secrets.token_urlsafe(12)
         email = os.environ.get("DJANGO_SUPERUSER_EMAIL", "admin@example.com")
         User.objects.create_superuser(username=username, email=email, password=password)
-        self.stdout.write(
-            self.style.SUCCESS(
-                f"Created superuser {username!r} with password {password!r} (shown once)."
-            )
+        # A password the operator chose is theirs already: printing it would only put it
+        # in a terminal's scrollback or a container's log.
+        shown = (
+            "the password from DJANGO_SUPERUSER_PASSWORD"
+            if given
+            else (f"password {password!r} (shown once)")
         )
+        self.stdout.write(self.style.SUCCESS(f"Created superuser {username!r} with {shown}."))
