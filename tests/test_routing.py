@@ -18,8 +18,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from jobs import routing, services
 from jobs.models import Job, JobState
-
-from .conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
+from tests.conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])

@@ -10,8 +10,7 @@ from jobs import services, workflows
 from jobs.models import AuditEntry, Job, JobSource, JobState
 from jobs.tasks import workflows as demo_workflows
 from jobs.worker import guard
-
-from .conftest import wait_for
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db
 

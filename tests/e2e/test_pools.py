@@ -8,8 +8,7 @@ import pytest
 
 from jobs import services
 from jobs.models import JobState
-
-from .conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
+from tests.conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
 
 
 @pytest.fixture(

@@ -20,9 +20,8 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTa
 from jobs import heartbeat, redis
 from jobs.beat import scheduler as beat
 from jobs.models import Job, JobSource
-
-from .conftest import ROOT
-from .test_schedules import form_data
+from tests.admin.test_schedules import form_data
+from tests.conftest import ROOT
 
 SCHEDULER = "jobs.beat:JobsiteScheduler"
 

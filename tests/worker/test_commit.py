@@ -24,8 +24,7 @@ from jobs.models import Job
 from jobs.worker import backend as backends
 from jobs.worker import commit
 from jobsite.celery import app
-
-from .conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
+from tests.conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
 
 QUEUE = "bench"  # a queue noop may use, that no session worker consumes
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 from django.db import connection
 
-from .conftest import BROKERS, ROOT, _reachable, service_unavailable
+from tests.conftest import BROKERS, ROOT, _reachable, service_unavailable
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from jobs import services
 from jobs.models import Job
 from jobs.roles import setup_roles
-
-from .browser import (
+from tests.browser import (
     CHROMIUM,
     CHROMIUM_ARGS,
     TIMEOUT_MS,
@@ -31,7 +30,7 @@ from .browser import (
     screenshot,
     window_is_marked,
 )
-from .conftest import BROKERS, _reachable, service_unavailable, use_broker, wait_for
+from tests.conftest import BROKERS, _reachable, service_unavailable, use_broker, wait_for
 
 # --- Fixtures -------------------------------------------------------------------------
 

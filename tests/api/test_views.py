@@ -18,8 +18,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from jobs import catalog, services, specs
 from jobs.api.form_schema import form_json_schema
 from jobs.models import ApiToken, AuditAction, AuditEntry, Job, JobState, JobType
-
-from .conftest import wait_for
+from tests.conftest import wait_for
 
 RUNS = "/api/runs/"
 VALID_PRIMES = {"job_type": "count_primes", "params": {"limit": 1000}}

@@ -8,8 +8,7 @@ from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import heartbeat, routing
-
-from .test_dashboard import run
+from tests.web.test_dashboard import run
 
 URL = "/metrics"
 

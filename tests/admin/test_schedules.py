@@ -27,8 +27,7 @@ from jobs.models import AuditAction, AuditEntry, Job, JobSource, JobType
 from jobs.selectors import schedules
 from jobs.tasks.demo import PrimesParams
 from jobsite.celery import app as celery_app
-
-from .conftest import wait_for
+from tests.conftest import wait_for
 
 BERLIN = ZoneInfo("Europe/Berlin")
 CHANGELIST = reverse("admin:django_celery_beat_periodictask_changelist")

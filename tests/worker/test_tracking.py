@@ -6,8 +6,7 @@ from django.urls import reverse
 
 from jobs.models import Job, JobLog
 from jobs.tasks.demo import count_primes
-
-from .conftest import wait_for
+from tests.conftest import wait_for
 
 OPTIONS = {"opt-priority": "5", "opt-max_retries": "0"}
 

@@ -19,9 +19,8 @@ from jobs import heartbeat, redis
 from jobs.models import Alert, AlertRule, Job
 from jobs.services import alerts
 from jobs.services.alerts import alerts_check
-
-from .conftest import wait_for
-from .test_tracking import submit
+from tests.conftest import wait_for
+from tests.worker.test_tracking import submit
 
 SECRET = "webhook-secret-for-tests"
 

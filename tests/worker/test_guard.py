@@ -10,8 +10,7 @@ from jobs import markers, redis
 from jobs.models import Job, JobLog
 from jobs.tasks.demo import generate_report
 from jobs.worker import guard
-
-from .conftest import Worker, wait_for
+from tests.conftest import Worker, wait_for
 
 REPORT = {"title": "Dup", "region": "emea", "days": 10, "rows_per_day": 5, "pace_ms": 100}
 

@@ -15,9 +15,8 @@ from jobs.models import AuditEntry, Job, JobLog
 from jobs.roles import setup_roles
 from jobs.selectors import broker
 from jobs.tasks.demo import send_mail
-
-from .conftest import wait_for
-from .test_tracking import submit
+from tests.conftest import wait_for
+from tests.worker.test_tracking import submit
 
 
 @pytest.fixture

@@ -4,8 +4,7 @@ from django_celery_results.models import TaskResult
 
 from jobs.tasks.demo import count_primes
 from jobsite.celery import app
-
-from .conftest import wait_for
+from tests.conftest import wait_for
 
 
 def test_a_demo_task_runs_on_a_real_worker_and_its_result_is_in_the_database(worker):

@@ -8,8 +8,7 @@ import pytest
 
 from jobs import services
 from jobs.models import AuditAction, AuditEntry, Job, JobState
-
-from .conftest import wait_for
+from tests.conftest import wait_for
 
 BULK = "/api/runs/bulk/"
 

@@ -21,8 +21,15 @@ from kombu.serialization import loads
 from jobs import routing, services
 from jobs.models import Job, JobState
 from jobsite.celery import app as celery_app
-
-from .conftest import BROKERS, ROOT, Worker, _reachable, service_unavailable, use_broker, wait_for
+from tests.conftest import (
+    BROKERS,
+    ROOT,
+    Worker,
+    _reachable,
+    service_unavailable,
+    use_broker,
+    wait_for,
+)
 
 MAIL = {"to": "someone@example.com", "body": "hello"}
 
