@@ -14,15 +14,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from django.contrib.auth.models import Group, User
+from django.contrib.auth.models import Group, Permission, User
+from django.core.cache import cache
 from django.core.management.base import CommandError
 from django.core.management.commands import flush
 from django.db import OperationalError, connection
+from django.utils import timezone
 
 from jobs import services
 from jobs.models import FINISHED_STATES, Job, JobType
@@ -125,6 +129,72 @@ def granted(job_types, submitters) -> dict[str, JobType]:
 def alice_client(client, alice):
     client.force_login(alice)
     return client
+
+
+@pytest.fixture
+def alice_secret(alice) -> str:
+    """An API token of Alice's (its secret)."""
+    _, secret = services.api_token_create(user=alice, name="tests")
+    return secret
+
+
+# --- Runs made directly (no worker) -------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Each test starts from an empty cache (the dashboard's aggregates are cached for
+    a few seconds), so no test sees numbers a test before it cached."""
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture
+def operator(db) -> User:
+    """A user who sees everyone's runs (view_all_jobs)."""
+    user = User.objects.create_user("olga", password="olga-pass")
+    user.user_permissions.add(Permission.objects.get(codename="view_all_jobs"))
+    return user
+
+
+def run(user, job_type, state, *, ago=60.0, wait=1.0, runtime=None, exc="", **fields) -> Job:
+    """A run submitted ``ago`` seconds ago, started ``wait`` s later, ``runtime`` s long."""
+    created = timezone.now() - timedelta(seconds=ago)
+    started = created + timedelta(seconds=wait) if runtime is not None else None
+    finished = started + timedelta(seconds=runtime) if started else None
+    return Job.objects.create(
+        id=str(uuid.uuid4()),
+        job_type=job_type,
+        task_name=job_type.task_name,
+        submitted_by=user,
+        state=state,
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
+        exception_type=exc,
+        error_message=f"{exc} happened" if exc else "",
+        **fields,
+    )
+
+
+@pytest.fixture
+def runs(alice, bob, job_types):
+    """The dashboard's mix of runs (history and metrics tests have their own)."""
+    flaky, primes = job_types["flaky"], job_types["count_primes"]
+    made = [
+        # alice: 3 succeeded, 2 failed (ValueError), 1 pending
+        *(run(alice, primes, "SUCCESS", ago=120, runtime=r) for r in (1.0, 2.0, 3.0)),
+        *(run(alice, flaky, "FAILURE", ago=300, runtime=0.5, exc="ValueError") for _ in "ab"),
+        run(alice, flaky, "PENDING", ago=10),
+        # bob: 1 succeeded 5 hours ago, 4 failed (KeyError), 1 started
+        run(bob, primes, "SUCCESS", ago=5 * 3600, runtime=10.0),
+        *(run(bob, flaky, "FAILURE", ago=200, runtime=0.2, exc="KeyError") for _ in "abcd"),
+        run(bob, flaky, "STARTED", ago=30, wait=2, runtime=None),
+        # finished three days ago: outside every window
+        run(alice, primes, "SUCCESS", ago=3 * 86400, runtime=1.0),
+    ]
+    return made
 
 
 # --- Brokers and workers ----------------------------------------------------------

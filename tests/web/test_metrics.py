@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from django.core.cache import cache
 from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import heartbeat, routing
-from tests.web.test_dashboard import run
+from tests.conftest import run
 
 URL = "/metrics"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
 
 
 @pytest.fixture

@@ -167,23 +167,6 @@ def test_runs_finishing_close_together_are_stored_in_one_statement(
     assert batches == [3]  # without the wait, the first run goes alone
 
 
-def test_a_stored_batch_is_acknowledged_inline_by_the_consumer(monkeypatch):
-    from jobs.worker.consumer import JobsiteConsumer
-
-    consumer = JobsiteConsumer.__new__(JobsiteConsumer)  # call_soon_ack needs only .hub
-    scheduled: list = []
-    consumer.hub = SimpleNamespace(call_soon=scheduled.append)
-    acked: list[str] = []
-
-    monkeypatch.setattr(commit, "_committer", SimpleNamespace(acking=True))
-    consumer.call_soon_ack(acked.append, "in the batch")
-    monkeypatch.setattr(commit, "_committer", SimpleNamespace(acking=False))
-    consumer.call_soon_ack(acked.append, "any other")
-
-    assert acked == ["in the batch"]  # at once, inside redis_acks_pipelined
-    assert len(scheduled) == 1  # Celery's way: on the event loop's next turn
-
-
 def test_a_batch_of_redis_acknowledgements_is_one_pipeline():
     import kombu
 
