@@ -15,11 +15,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import kombu
 import pytest
 from django.contrib.auth.models import Group, Permission, User
 from django.core.cache import cache
@@ -38,6 +39,45 @@ BROKERS = {
     "rabbitmq": os.environ["TEST_RABBITMQ_URL"],
 }
 WORKER_QUEUES = "default,reports,cpu"
+
+
+# Fixtures that start a worker, a beat or a browser, or connect to a broker. A test that
+# uses one must carry the `broker` marker, so `pytest -m "not broker"` is the fast loop
+# (no process started, no broker needed) and the marking cannot drift.
+BROKER_FIXTURES = frozenset({"worker", "_workers", "live_broker", "browser"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    used = BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if used and item.get_closest_marker("broker") is None:
+        pytest.fail(
+            f"{item.nodeid} uses {', '.join(sorted(used))} but is not marked `broker`: "
+            "add `pytestmark = pytest.mark.broker` to its module or "
+            "`@pytest.mark.broker` to the test",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(autouse=True)
+def _no_broker_unless_marked(request, monkeypatch) -> None:
+    """A test not marked `broker` that opens a broker connection fails, and says so.
+
+    The fixture check above sees the fixtures a test asks for; this one sees what the code
+    under test does (a remote-control ping, a revoke broadcast, a queue depth), so a test
+    that needs the broker cannot slip into the fast loop (`-m "not broker"`) unmarked.
+    """
+    if request.node.get_closest_marker("broker") is not None:
+        return
+
+    def refuse(connection: kombu.Connection):
+        pytest.fail(
+            f"{request.node.nodeid} connected to the broker {connection.as_uri()} "
+            "but is not marked `broker`",
+            pytrace=False,
+        )
+
+    monkeypatch.setattr(kombu.Connection, "_establish_connection", refuse)
 
 
 def service_unavailable(reason: str) -> None:
@@ -280,6 +320,23 @@ class Worker:
                 self.process.wait()
 
 
+@pytest.fixture
+def live_broker() -> Callable[[str], str]:
+    """``live_broker("redis" | "rabbitmq")``: that real broker's URL, once it answers.
+
+    Every fixture or test that talks to a broker without a worker asks for this one, so
+    the marker check (`pytest_runtest_setup` below) sees it needs the `broker` marker.
+    """
+
+    def url(name: str) -> str:
+        url = BROKERS[name]
+        if not _reachable(url):
+            service_unavailable(f"{name} is not reachable at {url}")
+        return url
+
+    return url
+
+
 def use_broker(url: str) -> None:
     """Point this process's Celery app (the web side) at another broker."""
     # Celery reads CELERY_BROKER_URL from the environment before its own settings.
@@ -335,6 +392,15 @@ def worker(request, _workers, transactional_db) -> Iterator[Worker]:
     use_broker(url)
     yield w
     use_broker(BROKERS["redis"])
+
+
+@pytest.fixture
+def redis_worker(_workers, transactional_db, live_broker) -> Worker:
+    """The real worker on Redis only (the `worker` fixture would run every test twice)."""
+    url = live_broker("redis")
+    worker = _workers("redis")
+    use_broker(url)
+    return worker
 
 
 def wait_for(job_id: str, *, states=FINISHED_STATES, timeout: float = 30) -> Job:

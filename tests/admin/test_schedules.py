@@ -420,6 +420,7 @@ def probe_type(job_types):
     specs._registry.pop("probe", None)
 
 
+@pytest.mark.broker
 def test_run_now_sends_all_of_the_schedules_options(worker, admin_client, probe_type):
     queue = probe_type.queue
     task = PeriodicTask.objects.create(
@@ -460,6 +461,7 @@ def test_run_now_sends_all_of_the_schedules_options(worker, admin_client, probe_
     assert (job.queue, job.priority, job.sent_at is not None) == (queue, 7, True)
 
 
+@pytest.mark.broker
 def test_run_now_records_a_run_linked_to_the_schedule_and_the_user(
     worker, admin_client, admin_user, job_types
 ):

@@ -130,6 +130,7 @@ def test_submit_stores_a_pending_run_from_the_api_and_publishes_on_commit(
     assert AuditEntry.objects.filter(action=AuditAction.SUBMIT, target_id=job.pk).exists()
 
 
+@pytest.mark.broker
 def test_a_run_submitted_through_the_api_reaches_success_on_a_real_worker(
     worker, client, alice, granted
 ):
@@ -254,6 +255,7 @@ def test_an_idempotency_key_returns_the_existing_run_with_200(api, granted):
 # --- Cancel and retry -------------------------------------------------------------------
 
 
+@pytest.mark.broker
 def test_cancel_stops_a_pending_run(api, alice):
     run = make_run(alice, catalog_job_type("long_sleep"))
 

@@ -28,6 +28,7 @@ def post(client, alice):
     return post
 
 
+@pytest.mark.broker
 def test_it_stores_publishes_and_runs_every_item_in_order(worker, granted, alice, post):
     response = post({"runs": [primes(1000), primes(2000, priority=7), primes(3000)]})
 

@@ -29,6 +29,8 @@ from jobsite.celery import app as celery_app
 from tests.conftest import BROKERS, Worker, service_unavailable, use_broker, wait_for
 from tests.worker.test_tracking import submit
 
+pytestmark = pytest.mark.broker
+
 CRASH_ENV = {
     "JOBSITE_REDIS_VISIBILITY_TIMEOUT": "3",
     "JOBSITE_REDIS_RESTORE_INTERVAL": "1",

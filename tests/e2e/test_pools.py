@@ -10,6 +10,8 @@ from jobs import services
 from jobs.models import JobState
 from tests.conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
 
+pytestmark = pytest.mark.broker
+
 
 @pytest.fixture(
     params=[

@@ -112,6 +112,7 @@ def valid_signature(headers: dict, body: bytes) -> bool:
 FAIL = {"mode": "fail", "failures": "0", "opt-queue": "default"}
 
 
+@pytest.mark.broker
 def test_a_failing_job_sends_one_email_and_one_signed_webhook_then_folds_the_next(
     worker, alice_client, granted, webhook, mailoutbox
 ):
@@ -276,6 +277,7 @@ def test_a_schedule_on_time_raises_nothing(job_types, mailoutbox):
     assert mailoutbox == []
 
 
+@pytest.mark.broker
 def test_silent_beat_alerts_once_and_clears_when_it_ticks(job_types, mailoutbox):
     redis.client().delete(heartbeat.BEAT_KEY)
     rule_for(None, name="Heartbeat", on_failure=False, on_heartbeat_lost=True, min_interval=0)

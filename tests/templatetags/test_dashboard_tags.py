@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from django.urls import reverse
 
 
+@pytest.mark.broker
 def test_the_admin_index_shows_the_summary(admin_client, runs):
     html = admin_client.get(reverse("admin:index")).content.decode()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from django.urls import reverse
 
 from jobs import heartbeat, redis
@@ -73,6 +74,7 @@ def test_the_page_loads_workers_and_queues_lazily(alice_client):
     assert 'id="queue-depths"' not in page  # not asked while the page renders
 
 
+@pytest.mark.broker
 def test_the_system_fragment_shows_the_worker_queues_and_beat(worker, alice_client):
     heartbeat.beat_seen_now()
 
@@ -85,6 +87,7 @@ def test_the_system_fragment_shows_the_worker_queues_and_beat(worker, alice_clie
     assert 'class="badge ok"' in html and " ago" in html
 
 
+@pytest.mark.broker
 def test_the_system_fragment_warns_when_beat_was_never_seen(alice_client):
 
     redis.client().delete(heartbeat.BEAT_KEY)

@@ -167,12 +167,11 @@ def test_runs_finishing_close_together_are_stored_in_one_statement(
     assert batches == [3]  # without the wait, the first run goes alone
 
 
-def test_a_batch_of_redis_acknowledgements_is_one_pipeline():
+@pytest.mark.broker
+def test_a_batch_of_redis_acknowledgements_is_one_pipeline(live_broker):
     import kombu
 
-    url = BROKERS["redis"]
-    if not _reachable(url):
-        service_unavailable(f"redis is not reachable at {url}")
+    url = live_broker("redis")
     client = redis.Redis.from_url(url)
     queue = kombu.Queue(f"test-acks-{uuid.uuid4().hex[:8]}")
     with kombu.Connection(url) as conn:
@@ -270,6 +269,7 @@ def submit_noop(user, job_types, n: int = 1) -> list[Job]:
                                 options={"queue": QUEUE}) for _ in range(n)]  # fmt: skip
 
 
+@pytest.mark.broker
 def test_runs_are_stored_by_the_main_process_and_acknowledged_after(
     commit_worker, _workers, alice, granted
 ):
@@ -307,6 +307,7 @@ def rabbitmq_commit_worker(_workers, transactional_db):
     use_broker(BROKERS["redis"])
 
 
+@pytest.mark.broker
 def test_a_worker_killed_before_the_write_leaves_the_run_to_be_delivered_again(
     rabbitmq_commit_worker, _workers, alice, granted
 ):
@@ -324,6 +325,7 @@ def test_a_worker_killed_before_the_write_leaves_the_run_to_be_delivered_again(
     wait_acknowledged(commit_worker)
 
 
+@pytest.mark.broker
 def test_a_warm_shutdown_stores_and_acknowledges_what_is_pending(
     commit_worker, _workers, alice, granted
 ):
@@ -341,6 +343,7 @@ def test_a_warm_shutdown_stores_and_acknowledges_what_is_pending(
     assert ready(commit_worker) == 0  # none went back to the queue, to run again
 
 
+@pytest.mark.broker
 def test_a_lost_database_connection_is_retried_and_nothing_is_acknowledged_meanwhile(
     commit_worker, _workers, alice, granted
 ):
