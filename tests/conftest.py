@@ -59,6 +59,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         )
 
 
+# kombu transports that need no broker: they live in the test process (or its files).
+IN_PROCESS_TRANSPORTS = frozenset({"memory", "filesystem"})
+
+
 @pytest.fixture(autouse=True)
 def _no_broker_unless_marked(request, monkeypatch) -> None:
     """A test not marked `broker` that opens a broker connection fails, and says so.
@@ -69,8 +73,11 @@ def _no_broker_unless_marked(request, monkeypatch) -> None:
     """
     if request.node.get_closest_marker("broker") is not None:
         return
+    establish = kombu.Connection._establish_connection
 
     def refuse(connection: kombu.Connection):
+        if connection.transport_cls in IN_PROCESS_TRANSPORTS:
+            return establish(connection)
         pytest.fail(
             f"{request.node.nodeid} connected to the broker {connection.as_uri()} "
             "but is not marked `broker`",
