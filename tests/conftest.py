@@ -14,15 +14,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import kombu
 import pytest
-from django.contrib.auth.models import Group, User
+from django.contrib.auth.models import Group, Permission, User
+from django.core.cache import cache
 from django.core.management.base import CommandError
 from django.core.management.commands import flush
 from django.db import OperationalError, connection
+from django.utils import timezone
 
 from jobs import services
 from jobs.models import FINISHED_STATES, Job, JobType
@@ -34,6 +39,52 @@ BROKERS = {
     "rabbitmq": os.environ["TEST_RABBITMQ_URL"],
 }
 WORKER_QUEUES = "default,reports,cpu"
+
+
+# Fixtures that start a worker, a beat or a browser, or connect to a broker. A test that
+# uses one must carry the `broker` marker, so `pytest -m "not broker"` is the fast loop
+# (no process started, no broker needed) and the marking cannot drift.
+BROKER_FIXTURES = frozenset({"worker", "_workers", "live_broker", "browser"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    used = BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if used and item.get_closest_marker("broker") is None:
+        pytest.fail(
+            f"{item.nodeid} uses {', '.join(sorted(used))} but is not marked `broker`: "
+            "add `pytestmark = pytest.mark.broker` to its module or "
+            "`@pytest.mark.broker` to the test",
+            pytrace=False,
+        )
+
+
+# kombu transports that need no broker: they live in the test process (or its files).
+IN_PROCESS_TRANSPORTS = frozenset({"memory", "filesystem"})
+
+
+@pytest.fixture(autouse=True)
+def _no_broker_unless_marked(request, monkeypatch) -> None:
+    """A test not marked `broker` that opens a broker connection fails, and says so.
+
+    The fixture check above sees the fixtures a test asks for; this one sees what the code
+    under test does (a remote-control ping, a revoke broadcast, a queue depth), so a test
+    that needs the broker cannot slip into the fast loop (`-m "not broker"`) unmarked.
+    """
+    if request.node.get_closest_marker("broker") is not None:
+        return
+    establish = kombu.Connection._establish_connection
+
+    def refuse(connection: kombu.Connection):
+        if connection.transport_cls in IN_PROCESS_TRANSPORTS:
+            return establish(connection)
+        pytest.fail(
+            f"{request.node.nodeid} connected to the broker {connection.as_uri()} "
+            "but is not marked `broker`",
+            pytrace=False,
+        )
+
+    monkeypatch.setattr(kombu.Connection, "_establish_connection", refuse)
 
 
 def service_unavailable(reason: str) -> None:
@@ -127,6 +178,72 @@ def alice_client(client, alice):
     return client
 
 
+@pytest.fixture
+def alice_secret(alice) -> str:
+    """An API token of Alice's (its secret)."""
+    _, secret = services.api_token_create(user=alice, name="tests")
+    return secret
+
+
+# --- Runs made directly (no worker) -------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Each test starts from an empty cache (the dashboard's aggregates are cached for
+    a few seconds), so no test sees numbers a test before it cached."""
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture
+def operator(db) -> User:
+    """A user who sees everyone's runs (view_all_jobs)."""
+    user = User.objects.create_user("olga", password="olga-pass")
+    user.user_permissions.add(Permission.objects.get(codename="view_all_jobs"))
+    return user
+
+
+def run(user, job_type, state, *, ago=60.0, wait=1.0, runtime=None, exc="", **fields) -> Job:
+    """A run submitted ``ago`` seconds ago, started ``wait`` s later, ``runtime`` s long."""
+    created = timezone.now() - timedelta(seconds=ago)
+    started = created + timedelta(seconds=wait) if runtime is not None else None
+    finished = started + timedelta(seconds=runtime) if started else None
+    return Job.objects.create(
+        id=str(uuid.uuid4()),
+        job_type=job_type,
+        task_name=job_type.task_name,
+        submitted_by=user,
+        state=state,
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
+        exception_type=exc,
+        error_message=f"{exc} happened" if exc else "",
+        **fields,
+    )
+
+
+@pytest.fixture
+def runs(alice, bob, job_types):
+    """The dashboard's mix of runs (history and metrics tests have their own)."""
+    flaky, primes = job_types["flaky"], job_types["count_primes"]
+    made = [
+        # alice: 3 succeeded, 2 failed (ValueError), 1 pending
+        *(run(alice, primes, "SUCCESS", ago=120, runtime=r) for r in (1.0, 2.0, 3.0)),
+        *(run(alice, flaky, "FAILURE", ago=300, runtime=0.5, exc="ValueError") for _ in "ab"),
+        run(alice, flaky, "PENDING", ago=10),
+        # bob: 1 succeeded 5 hours ago, 4 failed (KeyError), 1 started
+        run(bob, primes, "SUCCESS", ago=5 * 3600, runtime=10.0),
+        *(run(bob, flaky, "FAILURE", ago=200, runtime=0.2, exc="KeyError") for _ in "abcd"),
+        run(bob, flaky, "STARTED", ago=30, wait=2, runtime=None),
+        # finished three days ago: outside every window
+        run(alice, primes, "SUCCESS", ago=3 * 86400, runtime=1.0),
+    ]
+    return made
+
+
 # --- Brokers and workers ----------------------------------------------------------
 
 
@@ -212,6 +329,23 @@ class Worker:
                 self.process.wait()
 
 
+@pytest.fixture
+def live_broker() -> Callable[[str], str]:
+    """``live_broker("redis" | "rabbitmq")``: that real broker's URL, once it answers.
+
+    Every fixture or test that talks to a broker without a worker asks for this one, so
+    the marker check (`pytest_runtest_setup` below) sees it needs the `broker` marker.
+    """
+
+    def url(name: str) -> str:
+        url = BROKERS[name]
+        if not _reachable(url):
+            service_unavailable(f"{name} is not reachable at {url}")
+        return url
+
+    return url
+
+
 def use_broker(url: str) -> None:
     """Point this process's Celery app (the web side) at another broker."""
     # Celery reads CELERY_BROKER_URL from the environment before its own settings.
@@ -267,6 +401,15 @@ def worker(request, _workers, transactional_db) -> Iterator[Worker]:
     use_broker(url)
     yield w
     use_broker(BROKERS["redis"])
+
+
+@pytest.fixture
+def redis_worker(_workers, transactional_db, live_broker) -> Worker:
+    """The real worker on Redis only (the `worker` fixture would run every test twice)."""
+    url = live_broker("redis")
+    worker = _workers("redis")
+    use_broker(url)
+    return worker
 
 
 def wait_for(job_id: str, *, states=FINISHED_STATES, timeout: float = 30) -> Job:

@@ -18,25 +18,18 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from jobs import routing, services
 from jobs.models import Job, JobState
-
-from .conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
+from tests.conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])
-def broker(request):
-    url = BROKERS[request.param]
-    if not _reachable(url):
-        service_unavailable(f"{request.param} is not reachable at {url}")
-    with Connection(url) as conn:
+def broker(request, live_broker):
+    with Connection(live_broker(request.param)) as conn:
         yield request.param, conn
 
 
 @pytest.fixture
-def rabbitmq():
-    url = BROKERS["rabbitmq"]
-    if not _reachable(url):
-        service_unavailable(f"rabbitmq is not reachable at {url}")
-    with Connection(url) as conn:
+def rabbitmq(live_broker):
+    with Connection(live_broker("rabbitmq")) as conn:
         yield conn
 
 
@@ -63,6 +56,7 @@ def drain(queue: Queue) -> list[str]:
 # --- Exchange semantics, with real messages -------------------------------------------
 
 
+@pytest.mark.broker
 def test_a_direct_exchange_delivers_on_an_exact_key_only(broker):
     _, conn = broker
     exchange = Exchange(unique("direct"), type="direct")
@@ -84,6 +78,7 @@ TOPIC_BINDINGS = {"emea": "reports.*.emea", "all": "reports.#", "weekly": "repor
 TOPIC_KEYS = ["reports.daily.emea", "reports.weekly.amer", "reports.daily.eu.emea", "cpu.x.emea"]
 
 
+@pytest.mark.broker
 def test_a_topic_exchange_matches_star_and_hash_patterns(broker):
     _, conn = broker
     exchange = Exchange(unique("topic"), type="topic")
@@ -113,6 +108,7 @@ def test_a_topic_exchange_matches_star_and_hash_patterns(broker):
         assert sorted(k for k in TOPIC_KEYS if routing.topic_matches(pattern, k)) == received[name]
 
 
+@pytest.mark.broker
 def test_a_fanout_exchange_gives_every_consumer_its_own_copy(broker):
     kind, conn = broker
     exchange = Exchange(unique("fanout"), type="fanout", auto_delete=True)
@@ -158,6 +154,7 @@ HEADER_MESSAGES = [
 ]
 
 
+@pytest.mark.broker
 def test_a_headers_exchange_matches_all_or_any_of_its_binding(rabbitmq):
     exchange = Exchange(unique("headers"), type="headers")
     bindings = {
@@ -258,6 +255,7 @@ def wait_until(check, timeout: float = 30):
     raise AssertionError("timed out")
 
 
+@pytest.mark.broker
 def test_a_topic_routed_job_reaches_every_queue_its_key_matches(routed, alice, granted):
     job = services.job_submit(
         job_type=granted["regional_report"],
@@ -276,6 +274,7 @@ def test_a_topic_routed_job_reaches_every_queue_its_key_matches(routed, alice, g
     wait_until(lambda: Job.objects.get(pk=job.pk).duplicates_skipped == 1)
 
 
+@pytest.mark.broker
 def test_a_broadcast_job_runs_once_on_every_worker(routed, alice, granted):
     _, workers = routed
     job = services.job_submit(
@@ -297,6 +296,7 @@ def test_a_broadcast_job_runs_once_on_every_worker(routed, alice, granted):
     assert all(c.submitted_by == alice and c.result["reason"] == "deploy" for c in children)
 
 
+@pytest.mark.broker
 def test_a_headers_routed_job_runs_on_rabbitmq(routed, alice, granted):
     kind, _ = routed
     if kind != "rabbitmq":
@@ -318,6 +318,7 @@ def test_a_headers_routed_job_runs_on_rabbitmq(routed, alice, granted):
 # --- Message options ------------------------------------------------------------------
 
 
+@pytest.mark.broker
 def test_a_high_priority_job_overtakes_queued_low_priority_ones(
     broker, _workers, transactional_db, alice, granted
 ):
@@ -362,6 +363,7 @@ def test_a_high_priority_job_overtakes_queued_low_priority_ones(
     assert expired.started_at is None  # expired before a worker could start it
 
 
+@pytest.mark.broker
 def test_a_retried_job_waits_longer_each_time(worker, alice, granted):
     job = services.job_submit(
         job_type=granted["flaky"],
@@ -388,6 +390,7 @@ def test_a_retried_job_waits_longer_each_time(worker, alice, granted):
     assert (job.started_at - first_retry).total_seconds() >= delays[0] + delays[1] - 0.2
 
 
+@pytest.mark.broker
 def test_a_soft_time_limit_lets_the_job_return_a_partial_result(worker, alice, granted):
     count_primes = granted["count_primes"]
     count_primes.soft_time_limit, count_primes.time_limit = 1, 30

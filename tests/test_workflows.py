@@ -10,8 +10,7 @@ from jobs import services, workflows
 from jobs.models import AuditEntry, Job, JobSource, JobState
 from jobs.tasks import workflows as demo_workflows
 from jobs.worker import guard
-
-from .conftest import wait_for
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -98,6 +97,7 @@ def test_a_user_without_the_job_types_gets_a_403(client, bob, job_types):
     assert "Primes in parallel" not in client.get(reverse("jobs-workflow-list")).content.decode()
 
 
+@pytest.mark.broker
 def test_cancelling_a_workflow_cancels_its_unfinished_steps(
     alice, granted, django_capture_on_commit_callbacks
 ):
@@ -133,6 +133,7 @@ def test_someone_else_cannot_cancel_a_workflow(
 # --- Running on real workers -------------------------------------------------------------
 
 
+@pytest.mark.broker
 def test_a_chain_passes_the_report_to_the_mail_step(worker, alice_client, granted):
     response = alice_client.post(
         reverse("jobs-workflow-new", args=["report_then_mail"]),
@@ -157,6 +158,7 @@ def test_a_chain_passes_the_report_to_the_mail_step(worker, alice_client, grante
     assert 'id="workflow-tree"' in run_page and "Weekly (apac)" in run_page
 
 
+@pytest.mark.broker
 def test_a_chord_sums_the_counts_of_its_group(worker, alice, granted):
     root = services.workflow_submit(
         workflow="primes_sum", params={"limit": 1_000_000, "parts": 4}, user=alice
@@ -172,6 +174,7 @@ def test_a_chord_sums_the_counts_of_its_group(worker, alice, granted):
     assert body.started_at >= max(s.finished_at for s in header)
 
 
+@pytest.mark.broker
 def test_an_errback_records_the_failed_step_and_the_rest_is_not_run(worker, alice, granted):
     root = services.workflow_submit(
         workflow="flaky_then_mail",
@@ -195,6 +198,7 @@ def test_an_errback_records_the_failed_step_and_the_rest_is_not_run(worker, alic
     assert root.options["workflow"]["failure"]["failed_step"] == flaky.pk
 
 
+@pytest.mark.broker
 def test_a_failing_chord_member_fires_the_errback_on_the_callback(
     worker, alice, granted, monkeypatch
 ):
@@ -223,6 +227,7 @@ def test_a_failing_chord_member_fires_the_errback_on_the_callback(
     assert errback.result["step"] == "Bad"
 
 
+@pytest.mark.broker
 def test_the_relay_publishes_a_workflow_stored_while_the_broker_was_down(worker, alice, granted):
     services.broker_breaker.tripped()  # as after a failed publish: store, do not send
     try:

@@ -8,8 +8,7 @@ import pytest
 
 from jobs import services
 from jobs.models import AuditAction, AuditEntry, Job, JobState
-
-from .conftest import wait_for
+from tests.conftest import wait_for
 
 BULK = "/api/runs/bulk/"
 
@@ -29,6 +28,7 @@ def post(client, alice):
     return post
 
 
+@pytest.mark.broker
 def test_it_stores_publishes_and_runs_every_item_in_order(worker, granted, alice, post):
     response = post({"runs": [primes(1000), primes(2000, priority=7), primes(3000)]})
 

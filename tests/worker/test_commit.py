@@ -10,6 +10,7 @@ import subprocess
 import time
 import uuid
 from types import SimpleNamespace
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 import pytest
@@ -24,8 +25,7 @@ from jobs.models import Job
 from jobs.worker import backend as backends
 from jobs.worker import commit
 from jobsite.celery import app
-
-from .conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
+from tests.conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
 
 QUEUE = "bench"  # a queue noop may use, that no session worker consumes
 
@@ -168,29 +168,11 @@ def test_runs_finishing_close_together_are_stored_in_one_statement(
     assert batches == [3]  # without the wait, the first run goes alone
 
 
-def test_a_stored_batch_is_acknowledged_inline_by_the_consumer(monkeypatch):
-    from jobs.worker.consumer import JobsiteConsumer
-
-    consumer = JobsiteConsumer.__new__(JobsiteConsumer)  # call_soon_ack needs only .hub
-    scheduled: list = []
-    consumer.hub = SimpleNamespace(call_soon=scheduled.append)
-    acked: list[str] = []
-
-    monkeypatch.setattr(commit, "_committer", SimpleNamespace(acking=True))
-    consumer.call_soon_ack(acked.append, "in the batch")
-    monkeypatch.setattr(commit, "_committer", SimpleNamespace(acking=False))
-    consumer.call_soon_ack(acked.append, "any other")
-
-    assert acked == ["in the batch"]  # at once, inside redis_acks_pipelined
-    assert len(scheduled) == 1  # Celery's way: on the event loop's next turn
-
-
-def test_a_batch_of_redis_acknowledgements_is_one_pipeline():
+@pytest.mark.broker
+def test_a_batch_of_redis_acknowledgements_is_one_pipeline(live_broker):
     import kombu
 
-    url = BROKERS["redis"]
-    if not _reachable(url):
-        service_unavailable(f"redis is not reachable at {url}")
+    url = live_broker("redis")
     client = redis.Redis.from_url(url)
     queue = kombu.Queue(f"test-acks-{uuid.uuid4().hex[:8]}")
     with kombu.Connection(url) as conn:
@@ -251,8 +233,10 @@ def ready(worker: Worker) -> int:
 
 
 def _rabbitmq_count(column: str) -> int:
+    # The test broker's own vhost: another suite on this RabbitMQ uses another one.
+    vhost = unquote(urlsplit(BROKERS["rabbitmq"]).path[1:]) or "/"
     out = subprocess.run(
-        ["rabbitmqctl", "list_queues", "-q", "name", column],
+        ["rabbitmqctl", "list_queues", "-p", vhost, "-q", "name", column],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     match = re.search(rf"^{QUEUE}\s+(\d+)$", out, re.MULTILINE)
@@ -288,6 +272,7 @@ def submit_noop(user, job_types, n: int = 1) -> list[Job]:
                                 options={"queue": QUEUE}) for _ in range(n)]  # fmt: skip
 
 
+@pytest.mark.broker
 def test_runs_are_stored_by_the_main_process_and_acknowledged_after(
     commit_worker, _workers, alice, granted
 ):
@@ -325,6 +310,7 @@ def rabbitmq_commit_worker(_workers, transactional_db):
     use_broker(BROKERS["redis"])
 
 
+@pytest.mark.broker
 def test_a_worker_killed_before_the_write_leaves_the_run_to_be_delivered_again(
     rabbitmq_commit_worker, _workers, alice, granted
 ):
@@ -342,6 +328,7 @@ def test_a_worker_killed_before_the_write_leaves_the_run_to_be_delivered_again(
     wait_acknowledged(commit_worker)
 
 
+@pytest.mark.broker
 def test_a_warm_shutdown_stores_and_acknowledges_what_is_pending(
     commit_worker, _workers, alice, granted
 ):
@@ -359,6 +346,7 @@ def test_a_warm_shutdown_stores_and_acknowledges_what_is_pending(
     assert ready(commit_worker) == 0  # none went back to the queue, to run again
 
 
+@pytest.mark.broker
 def test_a_lost_database_connection_is_retried_and_nothing_is_acknowledged_meanwhile(
     commit_worker, _workers, alice, granted
 ):

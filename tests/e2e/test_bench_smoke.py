@@ -16,14 +16,15 @@ import sys
 import pytest
 from django.db import connection
 
-from .conftest import BROKERS, ROOT, _reachable, service_unavailable
+from tests.conftest import BROKERS, ROOT
+
+pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def bench_env(transactional_db) -> dict[str, str]:
-    for name, url in BROKERS.items():
-        if not _reachable(url):
-            service_unavailable(f"{name} is not reachable at {url}")
+def bench_env(transactional_db, live_broker) -> dict[str, str]:
+    for name in BROKERS:
+        live_broker(name)
     db = connection.settings_dict
     return {
         **os.environ,

@@ -26,9 +26,10 @@ from kombu import Exchange, Producer
 from jobs import services
 from jobs.models import AuditEntry, Job, JobLog
 from jobsite.celery import app as celery_app
+from tests.conftest import BROKERS, Worker, service_unavailable, use_broker, wait_for
+from tests.worker.test_tracking import submit
 
-from .conftest import BROKERS, Worker, service_unavailable, use_broker, wait_for
-from .test_tracking import submit
+pytestmark = pytest.mark.broker
 
 CRASH_ENV = {
     "JOBSITE_REDIS_VISIBILITY_TIMEOUT": "3",

@@ -8,8 +8,9 @@ import pytest
 
 from jobs import services
 from jobs.models import JobState
+from tests.conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
 
-from .conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
+pytestmark = pytest.mark.broker
 
 
 @pytest.fixture(

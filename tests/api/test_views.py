@@ -1,190 +1,21 @@
-"""The JSON API: authentication, runs, submit, cancel/retry, job types, schedules, tokens."""
+"""The JSON API: runs, submit, cancel/retry, job types, schedules (jobs.api.views)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import uuid
 from datetime import timedelta
 
 import pytest
-from django import forms
-from django.contrib.auth.models import Permission, User
-from django.test import Client
-from django.urls import reverse
+from django.contrib.auth.models import Permission
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-from jobs import catalog, services, specs
-from jobs.api.form_schema import form_json_schema
-from jobs.models import ApiToken, AuditAction, AuditEntry, Job, JobState, JobType
-
-from .conftest import wait_for
-
-RUNS = "/api/runs/"
-VALID_PRIMES = {"job_type": "count_primes", "params": {"limit": 1000}}
-
-
-# --- Fixtures -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def alice_secret(alice) -> str:
-    _, secret = services.api_token_create(user=alice, name="tests")
-    return secret
-
-
-@pytest.fixture
-def api(client, alice_secret):
-    """Alice's API client: her token on every request."""
-    return ApiClient(client, alice_secret)
-
-
-class ApiClient:
-    def __init__(self, client: Client, secret: str | None, keyword: str = "Bearer") -> None:
-        self.client = client
-        self.headers = {"Authorization": f"{keyword} {secret}"} if secret else {}
-
-    def get(self, url: str, params: dict | None = None):
-        return self.client.get(url, params or {}, headers=self.headers)
-
-    def post(self, url: str, body=None):
-        return self.client.post(
-            url, json.dumps(body or {}), content_type="application/json", headers=self.headers
-        )
-
-
-class SecretParams(forms.Form):
-    service = forms.CharField(max_length=50)
-    api_key = forms.CharField(max_length=100)
-
-
-@pytest.fixture
-def secret_job_type(db, submitters):
-    """A job type with a secret parameter, declared for the test only."""
-    spec = catalog.JobSpec(
-        name="api_test_secret",
-        task_name="jobs.api_test_secret",
-        form=SecretParams,
-        title="Secret test",
-        secret_fields=("api_key",),
-    )
-    catalog.register(spec)
-    job_type = JobType.objects.create(name=spec.name, **spec.defaults())
-    job_type.allowed_groups.add(submitters)
-    yield job_type
-    specs._registry.pop(spec.name, None)
-
-
-def make_run(user, job_type, **fields) -> Job:
-    fields.setdefault("id", str(uuid.uuid4()))
-    return Job.objects.create(
-        job_type=job_type, task_name=job_type.task_name, submitted_by=user, **fields
-    )
-
-
-def body(response) -> dict:
-    assert response["Content-Type"] == "application/json", response.content[:500]
-    return response.json()
-
-
-# --- Authentication -----------------------------------------------------------------
-
-ENDPOINTS = [
-    ("get", RUNS),
-    ("post", RUNS),
-    ("get", f"{RUNS}some-run/"),
-    ("post", f"{RUNS}some-run/cancel/"),
-    ("post", f"{RUNS}some-run/retry/"),
-    ("get", "/api/job-types/"),
-    ("get", "/api/schedules/"),
-    ("get", "/api/schema"),
-]
-
-
-@pytest.mark.parametrize(("method", "url"), ENDPOINTS)
-def test_an_anonymous_request_gets_a_json_401_not_a_redirect(client, db, method, url):
-    response = getattr(ApiClient(client, None), method)(url)
-
-    assert response.status_code == 401
-    assert body(response)["detail"] == "Authentication credentials were not provided."
-    assert response["WWW-Authenticate"] == 'Bearer realm="api"'
-
-
-@pytest.mark.parametrize(("method", "url"), ENDPOINTS)
-def test_a_wrong_token_is_a_401(client, alice_secret, method, url):
-    response = getattr(ApiClient(client, alice_secret + "x"), method)(url)
-
-    assert response.status_code == 401
-    assert body(response)["detail"] == "Invalid token."
-
-
-def test_a_token_authenticates_as_its_user_with_bearer_or_token(client, alice, alice_secret):
-    run = make_run(alice, catalog_job_type("long_sleep"), params={"seconds": 1})
-
-    for keyword in ("Bearer", "Token"):
-        response = ApiClient(client, alice_secret, keyword).get(f"{RUNS}{run.pk}/")
-        assert response.status_code == 200
-        assert body(response)["submitted_by"] == "alice"
-
-
-def test_a_revoked_token_is_refused(client, alice, alice_secret):
-    token = ApiToken.objects.get(user=alice)
-    services.api_token_revoke(token=token, user=alice)
-
-    response = ApiClient(client, alice_secret).get(RUNS)
-
-    assert response.status_code == 401
-    assert body(response)["detail"] == "This token has been revoked."
-
-
-def test_a_token_of_an_inactive_user_is_refused(client, alice, alice_secret):
-    alice.is_active = False
-    alice.save()
-
-    assert ApiClient(client, alice_secret).get(RUNS).status_code == 401
-
-
-def test_only_a_hash_and_a_prefix_of_the_token_are_stored(alice, alice_secret):
-    token = ApiToken.objects.get(user=alice)
-
-    assert token.key_hash == hashlib.sha256(alice_secret.encode()).hexdigest()
-    assert token.prefix == alice_secret[:8]
-    stored = json.dumps(list(ApiToken.objects.values()), default=str)
-    assert alice_secret not in stored
-
-
-def test_last_use_is_recorded_at_most_once_a_minute(api, alice):
-    token = ApiToken.objects.get(user=alice)
-    assert token.last_used_at is None
-
-    api.get(RUNS)
-    first = ApiToken.objects.get(pk=token.pk).last_used_at
-    api.get(RUNS)
-    assert ApiToken.objects.get(pk=token.pk).last_used_at == first  # not rewritten
-
-    ApiToken.objects.filter(pk=token.pk).update(last_used_at=first - timedelta(minutes=2))
-    api.get(RUNS)
-    assert ApiToken.objects.get(pk=token.pk).last_used_at > first
-
-
-def test_a_session_works_but_a_post_needs_the_csrf_token(alice, granted):
-    browser = Client(enforce_csrf_checks=True)
-    browser.force_login(alice)
-
-    assert browser.get(RUNS).status_code == 200
-    response = browser.post(RUNS, VALID_PRIMES, content_type="application/json")
-    assert response.status_code == 403
-    assert "CSRF" in body(response)["detail"]
-    assert not Job.objects.exists()
-
+from jobs import catalog, services
+from jobs.models import AuditAction, AuditEntry, Job, JobState, JobType
+from tests.api.conftest import RUNS, VALID_PRIMES, ApiClient, body, catalog_job_type, make_run
+from tests.conftest import wait_for
 
 # --- Listing runs -------------------------------------------------------------------
-
-
-def catalog_job_type(name: str) -> JobType:
-    services.jobtypes_sync()
-    return JobType.objects.get(name=name)
 
 
 def test_the_list_shows_only_the_users_own_runs(api, alice, bob):
@@ -299,6 +130,7 @@ def test_submit_stores_a_pending_run_from_the_api_and_publishes_on_commit(
     assert AuditEntry.objects.filter(action=AuditAction.SUBMIT, target_id=job.pk).exists()
 
 
+@pytest.mark.broker
 def test_a_run_submitted_through_the_api_reaches_success_on_a_real_worker(
     worker, client, alice, granted
 ):
@@ -423,6 +255,7 @@ def test_an_idempotency_key_returns_the_existing_run_with_200(api, granted):
 # --- Cancel and retry -------------------------------------------------------------------
 
 
+@pytest.mark.broker
 def test_cancel_stops_a_pending_run(api, alice):
     run = make_run(alice, catalog_job_type("long_sleep"))
 
@@ -495,30 +328,6 @@ def test_job_types_are_those_the_user_may_run_with_json_schemas(api, job_types, 
     assert options["run_at"]["format"] == "date-time"
 
 
-def test_the_form_schema_covers_every_field_kind():
-    class Everything(forms.Form):
-        flag = forms.BooleanField(required=False, initial=True)
-        when = forms.DateTimeField(help_text="When.")
-        ratio = forms.FloatField(min_value=0.5)
-        amount = forms.DecimalField(max_value=10)
-        site = forms.URLField(assume_scheme="https")
-        kind = forms.ChoiceField(choices=[("", "—"), ("a", "A")], required=False)
-
-    schema = form_json_schema(Everything())
-
-    props = schema["properties"]
-    assert props["flag"] == {"type": "boolean", "title": "Flag", "default": True}
-    assert props["when"] == {
-        "type": "string", "format": "date-time", "title": "When", "description": "When."
-    }  # fmt: skip
-    assert props["ratio"] == {"type": "number", "minimum": 0.5, "title": "Ratio"}
-    assert props["amount"] == {"type": "number", "maximum": 10, "title": "Amount"}
-    assert props["site"]["format"] == "uri"
-    assert props["kind"]["enum"] == ["a"]
-    assert schema["required"] == ["when", "ratio", "amount", "site"]
-    assert schema["additionalProperties"] is False
-
-
 # --- Schedules ------------------------------------------------------------------------------
 
 
@@ -552,96 +361,3 @@ def test_schedules_are_a_403_without_the_permission(api, schedule):
 
     assert response.status_code == 403
     assert "view_periodictask" in body(response)["detail"]
-
-
-# --- The tokens page --------------------------------------------------------------------------
-
-
-TOKENS = "/account/tokens/"
-
-
-def test_the_tokens_page_shows_a_new_secret_once_and_it_works(alice_client, alice, client):
-    response = alice_client.post(TOKENS, {"name": "import script"})
-
-    assert response.status_code == 200
-    secret = response.context["new_secret"]
-    assert secret in response.content.decode()
-    assert response["Cache-Control"].startswith("max-age=0")
-    token = ApiToken.objects.get(user=alice, name="import script")
-    assert token.prefix == secret[:8]
-    page = alice_client.get(TOKENS).content.decode()
-    assert "import script" in page and token.prefix in page and secret not in page
-    entry = AuditEntry.objects.get(action=AuditAction.TOKEN_CREATE)
-    assert entry.actor == alice and entry.target_id == str(token.pk)
-
-
-def test_a_token_name_is_required(alice_client, alice):
-    response = alice_client.post(TOKENS, {"name": ""})
-
-    assert response.status_code == 400
-    assert "This field is required" in response.content.decode()
-    assert not ApiToken.objects.exists()
-
-
-def test_revoking_from_the_tokens_page_needs_a_post_and_the_owner(
-    alice_client, alice, alice_secret, bob
-):
-    token = ApiToken.objects.get(user=alice)
-    services.api_token_create(user=bob, name="bob's")
-    bobs_token = ApiToken.objects.get(user=bob)
-    url = reverse("account-token-revoke", args=[token.pk])
-
-    assert alice_client.get(url).status_code == 405
-    bobs_url = reverse("account-token-revoke", args=[bobs_token.pk])
-    assert alice_client.post(bobs_url).status_code == 404
-    response = alice_client.post(url)
-
-    assert response.status_code == 302
-    assert ApiToken.objects.get(pk=token.pk).revoked_at is not None
-    assert ApiToken.objects.get(pk=bobs_token.pk).revoked_at is None
-    assert AuditEntry.objects.filter(action=AuditAction.TOKEN_REVOKE).count() == 1
-    again = alice_client.post(url, follow=True)
-    assert "already revoked" in again.content.decode()
-
-
-def test_the_tokens_page_needs_a_login(client, db):
-    response = client.get(TOKENS)
-
-    assert response.status_code == 302
-    assert response["Location"].startswith(reverse("login"))
-
-
-# --- The admin ------------------------------------------------------------------------------
-
-
-def test_staff_create_a_token_in_the_admin_and_see_its_secret_once(client, admin_user, alice):
-    client.force_login(admin_user)
-
-    response = client.post(
-        reverse("admin:jobs_apitoken_add"), {"user": alice.pk, "name": "ci"}, follow=True
-    )
-
-    token = ApiToken.objects.get(user=alice, name="ci")
-    [message] = [str(m) for m in response.context["messages"] if "The token for" in str(m)]
-    secret = message.split("The token for alice is ")[1].split(" ")[0]
-    assert token.key_hash == hashlib.sha256(secret.encode()).hexdigest()
-    entry = AuditEntry.objects.get(action=AuditAction.TOKEN_CREATE)
-    assert entry.actor == admin_user and entry.details["owner"] == "alice"
-    change_page = client.get(reverse("admin:jobs_apitoken_change", args=[token.pk]))
-    assert secret not in change_page.content.decode()
-
-
-def test_the_admin_revoke_action_needs_the_change_permission(client, alice, alice_secret):
-    token = ApiToken.objects.get(user=alice)
-    viewer = User.objects.create_user("viewer", password="x", is_staff=True)
-    viewer.user_permissions.add(Permission.objects.get(codename="view_apitoken"))
-    changelist = reverse("admin:jobs_apitoken_changelist")
-    action = {"action": "revoke", "_selected_action": [token.pk]}
-
-    client.force_login(viewer)
-    client.post(changelist, action)
-    assert ApiToken.objects.get(pk=token.pk).revoked_at is None
-
-    viewer.user_permissions.add(Permission.objects.get(codename="change_apitoken"))
-    client.post(changelist, action)
-    assert ApiToken.objects.get(pk=token.pk).revoked_at is not None

@@ -19,8 +19,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from jobs import services
 from jobs.models import Job
 from jobs.roles import setup_roles
-
-from .browser import (
+from tests.browser import (
     CHROMIUM,
     CHROMIUM_ARGS,
     TIMEOUT_MS,
@@ -31,7 +30,9 @@ from .browser import (
     screenshot,
     window_is_marked,
 )
-from .conftest import BROKERS, _reachable, service_unavailable, use_broker, wait_for
+from tests.conftest import service_unavailable, wait_for
+
+pytestmark = pytest.mark.broker
 
 # --- Fixtures -------------------------------------------------------------------------
 
@@ -70,17 +71,6 @@ def page(browser, live_server) -> Iterator[Page]:
     yield page
     context.close()
     assert not problems, problems
-
-
-@pytest.fixture
-def redis_worker(_workers, transactional_db):
-    """The real worker on Redis only (the `worker` fixture would run every test twice)."""
-    url = BROKERS["redis"]
-    if not _reachable(url):
-        service_unavailable(f"redis is not reachable at {url}")
-    worker = _workers("redis")
-    use_broker(url)
-    return worker
 
 
 @pytest.fixture

@@ -114,7 +114,8 @@ def test_the_change_check_is_throttled_to_once_per_interval(scheduler, every_10s
 
 
 @pytest.fixture
-def queue_name() -> Iterator[str]:
+def queue_name(live_broker) -> Iterator[str]:
+    live_broker("redis")  # beat publishes to the app's broker, Redis unless a test moved it
     name = f"test-ahead-{uuid.uuid4().hex[:8]}"
     yield name
     with celery_app.connection_for_write() as conn:
@@ -159,6 +160,7 @@ def aware(value) -> datetime.datetime:
     return datetime.datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
+@pytest.mark.broker
 def test_a_run_due_within_the_lead_is_sent_ahead_with_its_due_time_as_eta(
     scheduler, every_10s, queue_name
 ):
@@ -187,6 +189,7 @@ def test_a_run_due_within_the_lead_is_sent_ahead_with_its_due_time_as_eta(
     assert task.last_run_at == due and task.total_run_count == 1
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize("change", ["none", "disabled", "deleted", "edited", "new interval"])
 def test_a_run_sent_ahead_is_cancelled_when_its_schedule_changes_before_it_is_due(
     scheduler, every_10s, queue_name, change
@@ -215,6 +218,7 @@ def test_a_run_sent_ahead_is_cancelled_when_its_schedule_changes_before_it_is_du
     assert guard.is_revoked(task_id) is (change != "none")
 
 
+@pytest.mark.broker
 def test_the_crontab_run_after_one_sent_ahead_is_the_next_minute(scheduler, queue_name):
     every_minute = CrontabSchedule.objects.create(minute="*", hour="*", timezone="UTC")
     now = timezone.now()
@@ -244,6 +248,7 @@ def test_the_crontab_run_after_one_sent_ahead_is_the_next_minute(scheduler, queu
     assert aware(sent_message(queue_name)["eta"]) == eta + datetime.timedelta(minutes=1)
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize(
     "fields",
     [
@@ -285,6 +290,7 @@ def test_a_run_that_must_not_go_early_is_not_sent_ahead(scheduler, every_10s, qu
         assert scheduler._ahead_wait(entry) is None
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize("lead", [0, 5])  # the next run, 10 s on, is beyond both
 def test_a_run_sent_is_not_due_again_when_the_heap_is_rebuilt(
     scheduler, every_10s, queue_name, lead
@@ -305,6 +311,7 @@ def test_a_run_sent_is_not_due_again_when_the_heap_is_rebuilt(
                    for event in scheduler._heap)  # fmt: skip
 
 
+@pytest.mark.broker
 def test_with_no_lead_a_run_is_sent_when_it_is_due_only(scheduler, every_10s, queue_name):
     PeriodicTask.objects.create(
         name="on time", task="jobs.noop", interval=every_10s, queue=queue_name,

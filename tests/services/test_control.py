@@ -15,9 +15,8 @@ from jobs.models import AuditEntry, Job, JobLog
 from jobs.roles import setup_roles
 from jobs.selectors import broker
 from jobs.tasks.demo import send_mail
-
-from .conftest import wait_for
-from .test_tracking import submit
+from tests.conftest import wait_for
+from tests.worker.test_tracking import submit
 
 
 @pytest.fixture
@@ -51,27 +50,35 @@ def mails(worker) -> str:
     return "".join(p.read_text() for p in worker.mail_dir.glob("*.log"))
 
 
+def mail_in_3s(client, subject: str) -> Job:
+    """A mail run due in 3 s: the worker holds its message until then."""
+    data = {"to": "x@example.com", "subject": subject, "body": "b", "opt-queue": "default",
+            "opt-countdown": "3"}  # fmt: skip
+    return submit(client, "send_mail", data)
+
+
+@pytest.mark.broker
 def test_a_run_cancelled_after_delivery_never_executes(worker, alice_client, granted):
     subject = f"must-not-send-{uuid.uuid4()}"
-    job = submit(
-        alice_client,
-        "send_mail",
-        {"to": "x@example.com", "subject": subject, "body": "b", "opt-queue": "default",
-         "opt-countdown": "3"},
-    )  # fmt: skip
+    job = mail_in_3s(alice_client, subject)
     wait_for(job.id, states={"RECEIVED"})  # the worker holds the message until its ETA
 
     response = action(alice_client, job, "cancel")
-    time.sleep(5)  # past the ETA
+    # A later run on the same queue, due after the cancelled one: once the worker has run
+    # it, it has reached the cancelled run's ETA too.
+    later_subject = f"sent-later-{uuid.uuid4()}"
+    assert wait_for(mail_in_3s(alice_client, later_subject).id).state == "SUCCESS"
 
     job.refresh_from_db()
     assert response.status_code == 302
     assert job.state == "REVOKED"
     assert job.started_at is None
+    assert later_subject in mails(worker)
     assert subject not in mails(worker)
     assert audited(job, "cancel")
 
 
+@pytest.mark.broker
 def test_a_cancel_marker_stops_a_worker_that_missed_the_revoke_broadcast(worker, alice, granted):
     # The marker alone (no broadcast): as for a worker that was down at cancel time.
     subject = f"marker-{uuid.uuid4()}"
@@ -88,6 +95,7 @@ def test_a_cancel_marker_stops_a_worker_that_missed_the_revoke_broadcast(worker,
     assert subject not in mails(worker)
 
 
+@pytest.mark.broker
 def test_a_cancel_reaches_pool_processes_that_hold_their_copy_already(worker, alice):
     # A job type without the duplicate guard checks the worker process's copy of the
     # cancelled runs (guard.RevokedRuns), not the marker: pool processes that ran jobs
@@ -111,6 +119,7 @@ def test_a_cancel_reaches_pool_processes_that_hold_their_copy_already(worker, al
     assert job.error_message == "Cancelled before it started"
 
 
+@pytest.mark.broker
 def test_terminating_a_running_job_revokes_it_and_the_worker_keeps_serving(
     worker, alice_client, granted
 ):
@@ -126,6 +135,7 @@ def test_terminating_a_running_job_revokes_it_and_the_worker_keeps_serving(
     assert audited(job, "terminate")
 
 
+@pytest.mark.broker
 def test_retrying_a_failed_run_makes_a_new_linked_run_that_succeeds(worker, alice_client, granted):
     until = (timezone.now() + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%S")
     job = submit(
@@ -147,6 +157,7 @@ def test_retrying_a_failed_run_makes_a_new_linked_run_that_succeeds(worker, alic
     assert audited(job, "retry")
 
 
+@pytest.mark.broker
 def test_rerun_with_edited_parameters_keeps_the_lineage(worker, alice_client, granted):
     job = submit(alice_client, "count_primes", {"limit": "100", "opt-queue": "cpu"})
     wait_for(job.id)
@@ -165,13 +176,17 @@ def test_rerun_with_edited_parameters_keeps_the_lineage(worker, alice_client, gr
     assert audited(job, "rerun")
 
 
+@pytest.mark.broker
 def test_pausing_a_queue_holds_new_runs_until_it_is_resumed(worker, operator, client, granted):
     client.force_login(operator)
     granted["count_primes"].allowed_groups.add(*operator.groups.all())
     client.post(reverse("jobs-queue-action", args=["cpu", "pause"]))
     try:
         job = submit(client, "count_primes", {"limit": "1000", "opt-queue": "cpu"})
-        time.sleep(2)
+        # Published after it, on a queue still consumed: once this one has run, the worker
+        # would have taken the first too, had the pause not held it.
+        later = submit(client, "count_primes", {"limit": "10", "opt-queue": "default"})
+        assert wait_for(later.id).state == "SUCCESS"
         depth = {q.name: q.messages for q in broker.queue_depths()}["cpu"]
         page = client.get(reverse("jobs-queues")).content.decode()
         held = Job.objects.get(pk=job.id).state
@@ -186,6 +201,7 @@ def test_pausing_a_queue_holds_new_runs_until_it_is_resumed(worker, operator, cl
     assert AuditEntry.objects.filter(action="resume", target_id="cpu").exists()
 
 
+@pytest.mark.broker
 def test_the_workers_page_lists_the_running_worker(worker, operator, client):
     client.force_login(operator)
 
@@ -195,6 +211,7 @@ def test_the_workers_page_lists_the_running_worker(worker, operator, client):
     assert "prefork" in page
 
 
+@pytest.mark.broker
 def test_secret_parameters_are_masked_everywhere_but_reach_the_task(worker, alice_client, granted):
     secret = "correct-horse-battery-staple"
     job = submit(
@@ -217,6 +234,7 @@ def test_secret_parameters_are_masked_everywhere_but_reach_the_task(worker, alic
     assert secret not in (task_result.task_kwargs or "")
 
 
+@pytest.mark.broker
 def test_bulk_cancel_asks_for_confirmation_with_the_count(alice_client, alice, granted):
     jobs = [Job.objects.create(id=str(uuid.uuid4()), task_name="jobs.count_primes",
                                job_type=granted["count_primes"], submitted_by=alice,
@@ -282,6 +300,7 @@ def test_a_submitter_cannot_act_on_another_users_run(bob, alice, granted, client
     assert Job.objects.get(pk=job.id).state == "PENDING"
 
 
+@pytest.mark.broker
 def test_purging_needs_a_superuser_and_the_queue_name(client, operator, admin_user):
     client.force_login(operator)
     assert client.post(reverse("jobs-queue-action", args=["cpu", "purge"]),

@@ -2,12 +2,14 @@
 
 import time
 
+import pytest
 from django.urls import reverse
 
 from jobs.models import Job, JobLog
 from jobs.tasks.demo import count_primes
+from tests.conftest import wait_for
 
-from .conftest import wait_for
+pytestmark = pytest.mark.broker
 
 OPTIONS = {"opt-priority": "5", "opt-max_retries": "0"}
 

@@ -21,8 +21,13 @@ from kombu.serialization import loads
 from jobs import routing, services
 from jobs.models import Job, JobState
 from jobsite.celery import app as celery_app
-
-from .conftest import BROKERS, ROOT, Worker, _reachable, service_unavailable, use_broker, wait_for
+from tests.conftest import (
+    BROKERS,
+    ROOT,
+    Worker,
+    use_broker,
+    wait_for,
+)
 
 MAIL = {"to": "someone@example.com", "body": "hello"}
 
@@ -56,6 +61,7 @@ def inject(url: str, subject: str, serializer: str, priority: int = 9) -> str:
 # --- Pickle is refused --------------------------------------------------------------
 
 
+@pytest.mark.broker
 def test_an_injected_pickle_message_is_refused_and_the_worker_keeps_serving(worker, alice, granted):
     evil = inject(worker.url, "pickled subject", "pickle")
     # A normal run queued behind it, on the same queue: when it is done, the pickled
@@ -109,15 +115,14 @@ def decode(message):
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])
-def broker_url(request, transactional_db):
-    url = BROKERS[request.param]
-    if not _reachable(url):
-        service_unavailable(f"{request.param} is not reachable at {url}")
+def broker_url(request, transactional_db, live_broker):
+    url = live_broker(request.param)
     use_broker(url)
     yield url
     use_broker(BROKERS["redis"])
 
 
+@pytest.mark.broker
 def test_messages_are_json_by_default(broker_url, alice, granted):
     queue = f"test-json-{uuid.uuid4().hex[:8]}"
     services.job_submit(
@@ -131,6 +136,7 @@ def test_messages_are_json_by_default(broker_url, alice, granted):
     assert message.decode()[1] == {"limit": 10}
 
 
+@pytest.mark.broker
 def test_msgpack_is_used_when_chosen(broker_url, alice, granted, celery_conf):
     celery_conf(task_serializer="msgpack")
     queue = f"test-msgpack-{uuid.uuid4().hex[:8]}"
@@ -146,6 +152,7 @@ def test_msgpack_is_used_when_chosen(broker_url, alice, granted, celery_conf):
     assert job.options["serializer"] == "msgpack"
 
 
+@pytest.mark.broker
 def test_a_job_type_or_the_setting_compresses_its_messages(broker_url, alice, granted, celery_conf):
     queue = f"test-zlib-{uuid.uuid4().hex[:8]}"
     job = services.job_submit(
@@ -179,6 +186,7 @@ def msgpack_worker(broker_url, _workers):
     worker.stop()
 
 
+@pytest.mark.broker
 def test_a_msgpack_worker_runs_msgpack_jobs(msgpack_worker, alice, granted, celery_conf):
     celery_conf(task_serializer="msgpack")
 
@@ -262,6 +270,7 @@ def sign_as(identity: tuple[Path, Path], store: Path) -> None:
     register_auth(key.read_text(), None, cert.read_text(), str(store / "*.pem"), "sha256")
 
 
+@pytest.mark.broker
 def test_only_messages_signed_by_a_trusted_key_are_run(signing, alice, granted, celery_conf):
     worker, trusted, intruder, store = signing
     celery_conf(task_serializer="auth")

@@ -20,9 +20,10 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTa
 from jobs import heartbeat, redis
 from jobs.beat import scheduler as beat
 from jobs.models import Job, JobSource
+from tests.admin.test_schedules import form_data
+from tests.conftest import ROOT
 
-from .conftest import ROOT
-from .test_schedules import form_data
+pytestmark = pytest.mark.broker
 
 SCHEDULER = "jobs.beat:JobsiteScheduler"
 
@@ -153,9 +154,13 @@ def test_editing_the_interval_in_the_admin_changes_the_cadence_without_restartin
     start_beat, job_types, admin_client_for_beat
 ):
     schedule = make_schedule("hourly at first", 3600)
+    # Beat's and the worker's positive signal: a run of the probe is a tick of beat (and a
+    # message the worker processed) after beat read the other schedules.
+    probe = make_schedule("probe", 1)
     process = start_beat()
     process.wait_for_log("it is active")
-    time.sleep(2)  # beat has read the hourly schedule: nothing is due for an hour
+    wait_for_runs(probe, 2)  # nothing of the hourly schedule is due for an hour
+    assert process.sent("hourly at first") == 0
     assert not runs_of(schedule).exists()
 
     data = form_data(
@@ -173,9 +178,13 @@ def test_editing_the_interval_in_the_admin_changes_the_cadence_without_restartin
     wait_for_runs(schedule, 2)
     schedule.interval = every(3600)
     schedule.save()
-    time.sleep(3)  # the change has reached beat (it checks every second)
-    settled = runs_of(schedule).count()
-    time.sleep(3)
+    ticks = len(wait_for_runs(probe, 1))
+    # Three probe runs later, the change has reached beat (it checks every second) ...
+    wait_for_runs(probe, ticks + 3)
+    settled, sent = runs_of(schedule).count(), process.sent("hourly at first")
+    # ... and three more later, beat has sent nothing more for the hourly schedule.
+    wait_for_runs(probe, ticks + 6)
+    assert process.sent("hourly at first") == sent
     assert runs_of(schedule).count() == settled
     assert process.process.poll() is None  # the same beat throughout
 

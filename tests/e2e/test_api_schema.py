@@ -25,6 +25,9 @@ from jobs import services
 from jobs.models import Job, JobState
 from jobsite.wsgi import application
 
+# Generated calls cancel and retry runs: revoke broadcasts and publishes reach the broker.
+pytestmark = pytest.mark.broker
+
 OPERATIONS = {
     "GET /api/runs/", "POST /api/runs/", "POST /api/runs/bulk/", "GET /api/runs/{job_id}/",
     "POST /api/runs/{job_id}/cancel/", "POST /api/runs/{job_id}/retry/",

@@ -1,13 +1,14 @@
 """The foundation's loop: the project's Celery app, a real worker, results in the DB."""
 
+import pytest
 from django_celery_results.models import TaskResult
 
 from jobs.tasks.demo import count_primes
 from jobsite.celery import app
+from tests.conftest import wait_for
 
-from .conftest import wait_for
 
-
+@pytest.mark.broker
 def test_a_demo_task_runs_on_a_real_worker_and_its_result_is_in_the_database(worker):
     result = count_primes.delay(limit=100)
 
@@ -21,6 +22,7 @@ def test_a_demo_task_runs_on_a_real_worker_and_its_result_is_in_the_database(wor
     assert result.get(timeout=10) == {"limit": 100, "primes": 25}
 
 
+@pytest.mark.broker
 def test_the_worker_answers_a_remote_control_ping(worker):
     replies = app.control.ping(destination=[_hostname(worker)], timeout=3)
 

@@ -19,9 +19,8 @@ from jobs import heartbeat, redis
 from jobs.models import Alert, AlertRule, Job
 from jobs.services import alerts
 from jobs.services.alerts import alerts_check
-
-from .conftest import wait_for
-from .test_tracking import submit
+from tests.conftest import wait_for
+from tests.worker.test_tracking import submit
 
 SECRET = "webhook-secret-for-tests"
 
@@ -119,6 +118,7 @@ def valid_signature(headers: dict, body: bytes) -> bool:
 FAIL = {"mode": "fail", "failures": "0", "opt-queue": "default"}
 
 
+@pytest.mark.broker
 def test_a_failing_job_sends_one_email_and_one_signed_webhook_then_folds_the_next(
     worker, alice_client, granted, webhook, mailoutbox
 ):
@@ -283,6 +283,7 @@ def test_a_schedule_on_time_raises_nothing(job_types, mailoutbox):
     assert mailoutbox == []
 
 
+@pytest.mark.broker
 def test_silent_beat_alerts_once_and_clears_when_it_ticks(job_types, mailoutbox):
     redis.client().delete(heartbeat.BEAT_KEY)
     rule_for(None, name="Heartbeat", on_failure=False, on_heartbeat_lost=True, min_interval=0)

@@ -1,0 +1,56 @@
+"""The dashboard's aggregates: percentiles in the database, every query
+on an index (jobs.selectors.stats)."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from jobs.models import Job
+from jobs.selectors import stats
+
+
+def test_percentiles_are_computed_in_the_database_and_match_the_python_fallback(alice, runs):
+    timings = {t.name: t for t in stats.timings(user=alice)}
+
+    primes = timings["Count primes"]
+    assert primes.runs == 3  # runs started in the last 24 h
+    assert primes.runtime_p50 == pytest.approx(2.0)
+    assert primes.runtime_p95 == pytest.approx(2.9)  # percentile_cont: 2 + 0.9 * (3 - 2)
+    assert primes.wait_p50 == pytest.approx(1.0)
+    started = Job.objects.filter(created_at__gte=timezone.now() - timedelta(days=1))
+    started = started.filter(started_at__isnull=False)
+    in_database = sorted(stats._timings_in_database(started))
+    in_python = sorted(stats._timings_from_sample(started))
+    assert [row[:2] for row in in_database] == [row[:2] for row in in_python]
+    for db_row, py_row in zip(in_database, in_python, strict=True):
+        assert db_row[2:] == pytest.approx(py_row[2:])
+    assert connection.vendor == "postgresql"
+
+
+def test_every_dashboard_query_can_be_served_by_an_index(operator, alice, runs):
+    with CaptureQueriesContext(connection) as queries:
+        for user in (operator, alice):
+            stats.runs_by_state(user=user)
+            stats.throughput(user=user, period="minute")
+            stats.throughput(user=user, period="hour")
+            stats.timings(user=user)
+            stats.failure_groups(user=user)
+        stats.runs_by_type_and_state(since=timezone.now() - timedelta(days=1))
+        stats.runtime_histogram(since=timezone.now() - timedelta(minutes=15), buckets=(1.0,))
+    job_queries = [q["sql"] for q in queries if '"jobs_job"' in q["sql"]]
+
+    assert len(job_queries) >= 14
+    with connection.cursor() as cursor:
+        # With sequential scans priced out, a plan that still scans the table has no index.
+        cursor.execute("SET enable_seqscan = off")
+        for sql in job_queries:
+            cursor.execute("EXPLAIN " + sql)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+            assert not re.search(r"Seq Scan on jobs_job\b", plan), plan
+        cursor.execute("SET enable_seqscan = on")
