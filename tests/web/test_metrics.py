@@ -6,7 +6,8 @@ import pytest
 from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs import heartbeat, routing
+from jobs import heartbeat
+from jobs.selectors import broker
 from tests.conftest import run
 
 URL = "/metrics"
@@ -66,7 +67,7 @@ def test_metrics_expose_runs_runtimes_queues_workers_and_beat(redis_worker, admi
     assert primes["300.0"] == 3 and primes["+Inf"] == 3
 
     queues = samples(found["jobsite_queue_messages"])
-    assert {dict(labels)["queue"] for labels in queues} == set(routing.ALL_QUEUE_NAMES)
+    assert {dict(labels)["queue"] for labels in queues} == set(broker.queue_names())
     assert "jobsite_queue_consumers" in found
     assert found["jobsite_workers_online"].samples[0].value >= 1  # the test's worker answers
     beat = found["jobsite_beat_last_seen_timestamp_seconds"].samples[0].value
