@@ -14,6 +14,8 @@ os.environ.setdefault("CELERY_BROKER_URL", os.environ["TEST_REDIS_URL"])
 os.environ.setdefault("JOBSITE_REDIS_URL", "redis://127.0.0.1:6379/14")
 os.environ.setdefault("DJANGO_SECRET_KEY", "tests-only-" + "s3cret" * 10)
 os.environ.setdefault("DJANGO_DEBUG", "false")
+# Tests submit far more than a person would; the throttle tests set their own rate.
+os.environ.setdefault("JOBSITE_SUBMIT_RATE", "100000/min")
 os.environ.setdefault("DJANGO_SECURE_SSL_REDIRECT", "false")
 os.environ.setdefault("DJANGO_EMAIL_BACKEND", "django.core.mail.backends.locmem.EmailBackend")
 os.environ.setdefault(

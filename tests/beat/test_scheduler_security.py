@@ -13,6 +13,8 @@ from kombu import Exchange, Queue
 from jobs.beat.scheduler import JobsiteScheduler
 from jobsite.celery import app as celery_app
 
+pytestmark = pytest.mark.broker
+
 SECRET = "Tr0ub4dor-3-horse"
 
 

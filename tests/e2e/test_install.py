@@ -234,8 +234,8 @@ def host_project(tmp_path, host_database, host_redis):
         settings.read_text()
         + SETTINGS_TAIL.format(
             db=host_database,
-            broker=os.environ["TEST_REDIS_URL"],
-            redis=os.environ["JOBSITE_REDIS_URL"],
+            broker=f"redis+socket://{host_redis}",
+            redis=f"unix://{host_redis}?db=1",
         )
     )
     return host, lib, env

@@ -22,6 +22,8 @@ from jobs.selectors import broker
 from jobsite.celery import app as celery_app
 from tests.conftest import BROKERS, _reachable, service_unavailable, use_broker
 
+pytestmark = pytest.mark.broker
+
 POINT_TO_POINT = ("default", "reports", "cpu", "reports_emea", "reports_all")
 HEADERS_ONLY = ("gpu_emea", "accelerated")  # RabbitMQ's headers exchange (jobs/routing.py)
 

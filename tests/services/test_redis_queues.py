@@ -18,6 +18,8 @@ from jobs.models import JobSource
 from jobsite.celery import app as celery_app
 from tests.conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker, wait_for
 
+pytestmark = pytest.mark.broker
+
 SEP = "\x06\x16"
 QUEUE = "reports_emea"  # a configured queue the tests' workers do not consume
 BINDING = "_kombu.binding.migration_test"

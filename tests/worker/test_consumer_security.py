@@ -18,6 +18,8 @@ from jobs.worker import compression
 from jobsite.celery import app as celery_app
 from tests.conftest import wait_for
 
+pytestmark = pytest.mark.broker
+
 INFLATED = 256 * 1024 * 1024  # bytes each bomb decompresses to
 BOUND = 64 * 1024 * 1024  # how much the worker's peak memory may grow meanwhile
 

@@ -6,10 +6,14 @@ import logging
 import secrets
 import time
 
+import pytest
+
 from jobs import services
 from jobs.specs import MASK
 from jobs.worker import logs
 from tests.conftest import wait_for
+
+pytestmark = pytest.mark.broker
 
 
 def _log_line(worker, needle: str, timeout: float = 20) -> str:
