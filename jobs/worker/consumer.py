@@ -10,6 +10,7 @@ bodies are held to the same limit while they are decompressed (jobs.worker.compr
 from __future__ import annotations
 
 import logging
+import types
 
 from celery.worker.consumer import Consumer
 from django.conf import settings
@@ -83,10 +84,15 @@ class JobsiteConsumer(Consumer):
         closed channel; kombu then raises AttributeError, which Celery treats as
         unrecoverable and the worker stops. The acknowledgement is only the removal of
         the delivery tag from Redis's unacked index, so it is done on the new connection.
+
+        It is a method of the message named ``ack_log_error``, as kombu's own: Celery's
+        prefork pool runs the acks queued while it is joined at warm shutdown only when
+        they are (celery.concurrency.prefork._is_ack_callback; docs/internals.md).
         """
         ack = message.ack_log_error
+        consumer = self
 
-        def safe_ack(log, errors, *args, **kwargs):
+        def ack_log_error(bound, log, errors, *args, **kwargs):
             # Acknowledged: the run has started (early ack) or its final state is stored
             # (acks_late), so its buffered RECEIVED write is moot — in a busy worker most
             # runs finish before the buffer is written, and cost it nothing.
@@ -95,9 +101,9 @@ class JobsiteConsumer(Consumer):
             try:
                 return ack(log, errors, *args, **kwargs)
             except AttributeError:
-                return self._ack_on_current_connection(message)
+                return consumer._ack_on_current_connection(bound)
 
-        return safe_ack
+        return types.MethodType(ack_log_error, message)
 
     def _ack_on_current_connection(self, message) -> None:
         tag = message.delivery_tag

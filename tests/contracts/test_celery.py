@@ -314,11 +314,6 @@ def test_the_pools_shutdown_ack_runner_recognises_only_kombus_own_ack_methods(ap
     assert not prefork._is_ack_callback(other)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AT RISK (docs/internals.md): JobsiteConsumer's safe_ack wrapper is not "
-    "message.ack_log_error, so Celery 5.7's prefork on_stop leaves its acks to hub.close()",
-)
 def test_jobsites_wrapped_ack_is_recognised_by_the_pools_shutdown_ack_runner(app):
     message = task_message(app, "contracts.add", args=(1, 1))
     safe_ack = JobsiteConsumer._safe_ack(SimpleNamespace(), message, "run-1")
