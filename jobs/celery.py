@@ -6,16 +6,20 @@
     app.autodiscover_tasks()
 
 ``install`` makes Jobsite's pieces the app's configuration where the project set
-nothing itself (a ``CELERY_RESULT_BACKEND`` of its own wins), and connects the worker's signal
-handlers. Each piece can be left out: ``install(app, beat_scheduler=None)``. What is
+nothing itself (a ``CELERY_RESULT_BACKEND`` of its own wins), connects the worker's signal
+handlers, and masks secrets in the settings Celery reports (`celery report`,
+`celery inspect conf`). Each piece can be left out: ``install(app, beat_scheduler=None)``. What is
 missing or mis-wired, ``manage.py check`` reports (jobs/checks.py).
 """
 
 from __future__ import annotations
 
+import re
 import weakref
+from collections.abc import Mapping
 
 from celery import Celery, signals
+from celery.app import utils as celery_app_utils
 
 from jobs import routing
 
@@ -82,6 +86,7 @@ def install(
     app.on_after_configure.connect(_sign_messages, weak=False)
     if signals:
         connect_signals()
+    mask_secrets_in_reports()
     _installed.add(app)
     return app
 
@@ -140,3 +145,46 @@ class _Forward:
 
             handler = self.handler = getattr(handlers, self.name)
         return handler(*args, **kwargs)
+
+
+# --- Secrets in `celery report`, `celery inspect conf` / `inspect report` (and Flower) ---
+# All of them print the settings through Celery's filter_hidden_settings, which masks the
+# values of names matching its pattern (KEY, TOKEN, SECRET, PASS, ...) and the URLs of the
+# settings it knows by name (broker_url, *backend*). Read from Django's settings, every
+# Django setting is listed and the broker's is CELERY_BROKER_URL, a name it does not know:
+# CELERY_BROKER_URL and JOBSITE_REDIS_URL came out with their passwords. Celery has no
+# hook for this, so its filter is wrapped (the one place all of those paths pass): the
+# password of any URL among the values, and query parameters named like secrets, are
+# masked too, whatever the setting is called (docs/internals.md, entry 45).
+MASK = "*" * 8
+_URL_PASSWORD = re.compile(r"(?P<user>[a-z][a-z0-9+.-]*://[^:/?#@\s]*):[^@/\s]*@", re.IGNORECASE)
+_SECRET_QUERY = re.compile(
+    r"(?P<name>[?&;][^=&;#\s]*(?:pass|token|key|secret|auth|signature)[^=&;#\s]*=)[^&;#\s]*",
+    re.IGNORECASE,
+)
+
+
+def mask_url_secrets(value):
+    """``value`` with every URL password and secret-looking query parameter masked."""
+    if isinstance(value, str):
+        masked = _URL_PASSWORD.sub(rf"\g<user>:{MASK}@", value)
+        return _SECRET_QUERY.sub(rf"\g<name>{MASK}", masked)
+    if isinstance(value, Mapping):
+        return {key: mask_url_secrets(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(mask_url_secrets(item) for item in value)
+    return value
+
+
+def mask_secrets_in_reports() -> None:
+    """Wrap Celery's settings filter with mask_url_secrets (once per process)."""
+    celery_filter = celery_app_utils.filter_hidden_settings
+    if getattr(celery_filter, "jobsite_masked", False):
+        return
+
+    def filter_hidden_settings(conf):
+        return mask_url_secrets(celery_filter(conf))
+
+    filter_hidden_settings.jobsite_masked = True  # type: ignore[attr-defined]
+    filter_hidden_settings.__wrapped__ = celery_filter  # type: ignore[attr-defined]
+    celery_app_utils.filter_hidden_settings = filter_hidden_settings

@@ -311,20 +311,35 @@ def _system_status() -> SystemStatus:
 
 # --- /metrics ------------------------------------------------------------------------
 
+# The job type label of runs of tasks outside the catalogue. Task names come from the
+# wire (beat, `celery call`, other producers): one label for all of them keeps the
+# number of series bounded by the catalogue, whatever names arrive.
+OTHER_LABEL = "other"
+
+
+def _job_type_labels() -> dict[int | None, str]:
+    """JobType id → its name, the label; runs without a job type fall under OTHER_LABEL."""
+    return dict(JobType.objects.values_list("pk", "name"))
+
 
 def runs_by_type_and_state(*, since: datetime) -> Counter:
-    """(task name, state) → runs submitted since ``since`` (everyone's)."""
+    """(job type name or OTHER_LABEL, state) → runs submitted since ``since`` (everyone's)."""
     rows = (
         Job.objects.order_by()
         .filter(created_at__gte=since)
-        .values("task_name", "state")
+        .values("job_type_id", "state")
         .annotate(n=Count("pk"))
     )
-    return Counter({(row["task_name"], row["state"]): row["n"] for row in rows})
+    labels = _job_type_labels()
+    counts: Counter = Counter()
+    for row in rows:
+        counts[(labels.get(row["job_type_id"], OTHER_LABEL), row["state"])] += row["n"]
+    return counts
 
 
 def runtime_histogram(*, since: datetime, buckets: tuple[float, ...]) -> dict[str, dict]:
-    """Per task name: cumulative bucket counts, sum and count of runtimes finished since."""
+    """Per job type (or OTHER_LABEL): cumulative bucket counts, sum and count of runtimes
+    finished since ``since``."""
     finished = Job.objects.order_by().filter(
         created_at__gte=since - FINISH_SLACK,
         finished_at__gte=since,
@@ -336,11 +351,16 @@ def runtime_histogram(*, since: datetime, buckets: tuple[float, ...]) -> dict[st
     }
     rows = (
         finished.annotate(runtime=RUNTIME)
-        .values("task_name")
+        .values("job_type_id")
         .annotate(n=Count("pk"), total=Sum("runtime"), **counts)
-        .values_list("task_name", "n", "total", *counts)
+        .values_list("job_type_id", "n", "total", *counts)
     )
-    return {
-        name: {"count": n, "sum": _seconds(total) or 0.0, "buckets": list(cumulative)}
-        for name, n, total, *cumulative in rows
-    }
+    labels = _job_type_labels()
+    histogram: dict[str, dict] = {}
+    for job_type_id, n, total, *cumulative in rows:
+        label = labels.get(job_type_id, OTHER_LABEL)
+        data = histogram.setdefault(label, {"count": 0, "sum": 0.0, "buckets": [0] * len(buckets)})
+        data["count"] += n
+        data["sum"] += _seconds(total) or 0.0
+        data["buckets"] = [a + b for a, b in zip(data["buckets"], cumulative, strict=True)]
+    return histogram

@@ -6,13 +6,15 @@ in the worker (a cost on the hot path), summed across prefork children (promethe
 multiprocess mode, files on disk) and reset on every restart; the database already
 holds every run, so a bounded, indexed read per scrape is both cheaper and exact:
 
-- ``jobsite_runs{job_type,state}``: runs submitted in the last 24 h (a gauge);
+- ``jobsite_runs{job_type,state}``: runs submitted in the last 24 h (a gauge); runs of
+  tasks outside the catalogue count under ``job_type="other"``, so task names from the
+  wire never add series;
 - ``jobsite_run_duration_seconds``: a *gauge histogram* of the runtimes of the runs
   that finished in the last 15 minutes. It describes a sliding window, so it can go
   down: query it directly (``histogram_quantile(0.95, jobsite_run_duration_seconds_bucket)``),
   not through ``rate()``;
-- queue depth and consumers per queue, workers online, beat last seen (unix time, 0
-  when beat was never seen).
+- queue depth and consumers per queue (no consumers sample where the broker keeps no
+  count: Redis), workers online, beat last seen (unix time, 0 when beat was never seen).
 
 Access: a bearer token (``JOBSITE_METRICS_TOKEN``), or a client address in
 ``JOBSITE_METRICS_ALLOW``, or a staff session. Anything else is a 401 (no credentials)
@@ -36,7 +38,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
-from jobs.models import JobType
 from jobs.selectors import stats
 
 RUNS_WINDOW = timedelta(hours=24)
@@ -45,17 +46,11 @@ BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 CACHE_SECONDS = 10
 
 
-def _job_type_names() -> dict[str, str]:
-    """Celery task name → catalogue name (the label); uncatalogued tasks keep their name."""
-    return dict(JobType.objects.values_list("task_name", "name"))
-
-
 def _database_figures() -> dict:
     now = timezone.now()
     return {
         "runs": stats.runs_by_type_and_state(since=now - RUNS_WINDOW),
         "histogram": stats.runtime_histogram(since=now - HISTOGRAM_WINDOW, buckets=BUCKETS),
-        "names": _job_type_names(),
     }
 
 
@@ -65,33 +60,32 @@ class JobsiteCollector:
             dict[str, Any],
             cache.get_or_set("jobsite:metrics:db", _database_figures, CACHE_SECONDS),
         )
-        names = figures["names"]
-        yield self._runs(figures["runs"], names)
-        yield self._durations(figures["histogram"], names)
+        yield self._runs(figures["runs"])
+        yield self._durations(figures["histogram"])
         yield from self._system(stats.system_status())
 
-    def _runs(self, runs, names) -> GaugeMetricFamily:
+    def _runs(self, runs) -> GaugeMetricFamily:
         family = GaugeMetricFamily(
             "jobsite_runs",
             "Runs submitted in the last 24 hours, by job type and current state.",
             labels=["job_type", "state"],
         )
-        for (task_name, state), count in sorted(runs.items()):
-            family.add_metric([names.get(task_name, task_name), state], count)
+        for (job_type, state), count in sorted(runs.items()):
+            family.add_metric([job_type, state], count)
         return family
 
-    def _durations(self, histogram, names) -> GaugeHistogramMetricFamily:
+    def _durations(self, histogram) -> GaugeHistogramMetricFamily:
         family = GaugeHistogramMetricFamily(
             "jobsite_run_duration_seconds",
             "Runtime of the runs that finished in the last 15 minutes (a sliding window).",
             labels=["job_type"],
         )
-        for task_name, data in sorted(histogram.items()):
+        for job_type, data in sorted(histogram.items()):
             buckets = [
                 (str(bound), count) for bound, count in zip(BUCKETS, data["buckets"], strict=True)
             ]
             buckets.append(("+Inf", data["count"]))
-            family.add_metric([names.get(task_name, task_name)], buckets, data["sum"])
+            family.add_metric([job_type], buckets, data["sum"])
         return family
 
     def _system(self, system: stats.SystemStatus):
@@ -101,10 +95,14 @@ class JobsiteCollector:
         consumers = GaugeMetricFamily(
             "jobsite_queue_consumers", "Consumers of the queue.", labels=["queue"]
         )
+        # Unknown is no sample, never a 0 that looks like a fact: None when the broker
+        # could not be asked, and no consumers at all on Redis, which keeps no count.
+        counts_consumers = system.broker == "RabbitMQ"
         for queue in system.queues:
-            if queue.messages is not None:  # the broker could not be asked: no sample
+            if queue.messages is not None:
                 messages.add_metric([queue.name], queue.messages)
-                consumers.add_metric([queue.name], queue.consumers or 0)
+            if counts_consumers and queue.consumers is not None:
+                consumers.add_metric([queue.name], queue.consumers)
         seen = system.beat_last_seen
         yield messages
         yield consumers

@@ -11,12 +11,27 @@ buffered on the Job (jobs.worker.buffer). RETRY and runs without a Job row go th
 import json
 import time
 
+import django
+from django.apps import apps
+
+if not apps.apps_ready:
+    # Celery imports its result backend by name wherever results are touched, and the
+    # celery CLI (`call`, `result`, `inspect`, ...) does so before anyone has set Django
+    # up: Celery's Django fix-up calls django.setup() only in the worker. The models
+    # imported below need the app registry, so this module sets Django up itself, for
+    # any project that names it as CELERY_RESULT_BACKEND (django-celery-results#20).
+    # During django.setup() itself the apps are ready before any module can import this.
+    django.setup()
+
 from celery import states
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 from django_celery_results.backends.database import DatabaseBackend
 from django_celery_results.managers import TaskResultManager
-from django_celery_results.models import ChordCounter, TaskResult  # type: ignore[attr-defined]
+from django_celery_results.models import (  # type: ignore[attr-defined]
+    ChordCounter,
+    TaskResult,
+)
 
 from jobs.models import Job
 from jobs.worker import buffer, tracking

@@ -1,7 +1,8 @@
 """The base class of catalogued tasks (JobTask), and what a running job may call.
 
 Before running: skip a cancelled run; for job types with the duplicate guard, take the
-run's Redis marker (jobs.worker.guard) and skip a second delivery of the same run.
+run's Redis marker (jobs.worker.guard) and skip a second delivery of the same run; check
+the parameters with the job type's form, whoever sent the message.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
+from jobs import specs
 from jobs.models import Job, JobLog, JobState
 from jobs.worker import guard
 from jobs.worker.logs import log_capture
@@ -28,13 +30,20 @@ from jobs.worker.tracking import PROGRESS_MIN_INTERVAL, record_state
 logger = logging.getLogger(__name__)
 guard_logger = logging.getLogger("jobsite.guard")  # not ignored by the log capture
 
+REFUSED = "Parameters refused by the worker"
+
+
+class ParametersRefused(Exception):
+    """The job type's form refused the parameters a message carried: the job never ran."""
+
 
 class JobTask(Task):
     """Base class of catalogued tasks.
 
     Before running: skip a cancelled run; for job types with the duplicate guard, take
-    the run's Redis marker and skip a second delivery of the same run. Retries take
-    their limits from the run's options (headers set at submit).
+    the run's Redis marker and skip a second delivery of the same run; check the
+    parameters with the job type's form. Retries take their limits from the run's
+    options (headers set at submit).
     """
 
     jobsite_guard = False  # set by catalog.job(guard=True)
@@ -47,7 +56,35 @@ class JobTask(Task):
                 self._claim(request)
             elif guard.is_revoked(request.id):
                 self._skip_cancelled(request.id)
+            kwargs = self._checked_params(kwargs)
         return super().__call__(*args, **kwargs)
+
+    def _checked_params(self, kwargs: dict) -> dict:
+        """The job type's form checks the parameters, whatever client sent the message.
+
+        Jobsite's own messages carry parameters its form already cleaned, but anything
+        that can publish to the broker (`celery call`, a plain Celery or kombu producer,
+        a client in another language) can send a catalogued task too. A refusal fails
+        the run with the form's messages before any job code runs. The job receives the
+        cleaned values (coerced, JSON-safe: what a submit stores and sends), so it sees
+        the same types however it was sent. Names the form does not know are refused, as
+        the API refuses them. Positional arguments (a chain's previous result) pass as
+        they are: no form describes them.
+        """
+        spec = specs.by_task_name(self.name)
+        if spec is None:
+            return kwargs
+        unknown = [name for name in kwargs if name not in spec.form.base_fields]
+        errors = {name: ["Unknown parameter."] for name in unknown}
+        if not errors:
+            cleaned, errors = spec.clean_params(kwargs)
+            if cleaned is not None:
+                return cleaned
+        problems = "; ".join(
+            " ".join(messages) if name == "__all__" else f"{name}: {' '.join(messages)}"
+            for name, messages in errors.items()
+        )
+        raise ParametersRefused(f"{REFUSED}: {problems}")
 
     def _skip_cancelled(self, task_id: str):
         # Cancelled before it started: never execute, whenever the message arrives.

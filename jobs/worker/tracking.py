@@ -176,6 +176,13 @@ def _record_retry(task_id: str, fields: dict, request) -> None:
 def _create_from_request(task_id: str, request, fields: dict) -> None:
     """First sight of a run Jobsite did not submit: beat, workflows, plain .delay()."""
     task_name = getattr(request, "task", None) or getattr(request, "name", "") or ""
+    if not task_name:
+        # Nothing says what ran: a state stored for an id no worker has seen, such as
+        # `celery control revoke <unknown id>` (Celery marks it REVOKED in the result
+        # backend with no request). Celery keeps its own TaskResult; a Job row would be
+        # a phantom run in history, with no task and no job type.
+        logger.debug("No run recorded for %s (%s): no task name", task_id, fields["state"])
+        return
     spec = specs.by_task_name(task_name)
     schedule_name = getattr(request, "periodic_task_name", None) or ""
     root_id = getattr(request, "root_id", None) or ""

@@ -528,3 +528,29 @@ def test_value_set_for_sees_a_namespaced_setting_and_add_defaults_hides_it():
     assert app.configured is True
     assert seen == {"set": True}  # value_set_for found CELERY_ACCEPT_CONTENT
     assert app.conf.value_set_for("result_backend") is False
+
+
+def test_settings_table_filters_through_the_module_filter_and_misses_namespaced_urls():
+    """Entry 45: why jobs.celery wraps celery.app.utils.filter_hidden_settings."""
+    from celery import Celery
+    from celery.app import utils as celery_app_utils
+
+    class Config:
+        CELERY_BROKER_URL = "redis://user:contract-pw@127.0.0.1:6379/0"
+
+    app = Celery("contract", set_as_current=False)
+    app.config_from_object(Config, namespace="CELERY")
+    original = getattr(celery_app_utils.filter_hidden_settings, "__wrapped__", None)
+    celery_filter = original or celery_app_utils.filter_hidden_settings
+    # Celery's own filter leaves the namespaced broker URL as it is ...
+    assert celery_filter(app.conf.table(censored=False))["CELERY_BROKER_URL"].endswith(
+        ":contract-pw@127.0.0.1:6379/0"
+    )
+    calls = []
+    saved = celery_app_utils.filter_hidden_settings
+    celery_app_utils.filter_hidden_settings = lambda conf: calls.append(conf) or conf
+    try:
+        app.conf.table(censored=True)  # ... and table() finds the filter as a module global
+    finally:
+        celery_app_utils.filter_hidden_settings = saved
+    assert len(calls) == 1
