@@ -263,8 +263,9 @@ class Job(models.Model):
     executions = models.PositiveIntegerField(
         "executions",
         default=0,
-        help_text="Times the run started executing, retries included. More than its "
-        "attempts: a worker died while running it and it ran again (at least once).",
+        help_text="Times the run started executing, retries included (exact for job "
+        "types with the guard; for others, the starts recorded before the run ended). "
+        "More than its attempts: a worker died while running it and it ran again.",
     )
 
     objects = JobQuerySet.as_manager()

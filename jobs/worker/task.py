@@ -82,12 +82,16 @@ class JobTask(Task):
             elif claim.outcome == "claimed":
                 holder_host, instance, pid = seen.holder
                 before = Job.objects.filter(pk=request.id).values_list("started_at", flat=True)
-                started = before.first()
-                after = f" {(timezone.now() - started).total_seconds():.1f} s after it started"
+                started = before.first()  # None: it died before its STARTED was stored
+                after = (
+                    f" {(timezone.now() - started).total_seconds():.1f} s after it started"
+                    if started
+                    else ""
+                )
                 guard_logger.warning(
                     "The worker process that was running this job died%s (%s, incarnation "
                     "%s, process %d); running it again.",
-                    after if started else "",
+                    after,
                     holder_host,
                     instance,
                     pid,
