@@ -214,7 +214,7 @@ def record_duplicate(task_id: str, claim) -> None:
         else f"running on {holder[0] if holder else 'another worker'}"
     )
     logger.warning("Duplicate delivery of run %s skipped (%s)", task_id, where)
-    Job.objects.filter(pk=task_id).update(duplicates_skipped=F("duplicates_skipped") + 1)
+    # The log line first: whoever sees the count has its line to read.
     if Job.objects.filter(pk=task_id).exists():
         JobLog.objects.create(
             job_id=task_id,
@@ -223,3 +223,4 @@ def record_duplicate(task_id: str, claim) -> None:
             logger="jobsite.guard",
             message=f"Duplicate delivery skipped: the run is {where}.",
         )
+    Job.objects.filter(pk=task_id).update(duplicates_skipped=F("duplicates_skipped") + 1)
