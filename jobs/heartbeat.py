@@ -1,11 +1,23 @@
-"""Liveness marks in Redis: when beat last ticked, when each worker last said it lives."""
+"""Liveness marks in Redis: when beat last ticked, when each worker last said it lives.
+
+A worker is known by name (what people see) and by incarnation: the token drawn each
+time a worker starts (jobs.worker.guard.INSTANCE). A name outlives its processes — a
+supervisor restarts a killed worker under the same name — so whether a run's holder
+still exists is asked of its incarnation: ``jobsite:worker:incarnation:<instance>``
+holds the machine it runs on and expires INCARNATION_TTL seconds after the worker's
+last heartbeat. Gone key, gone incarnation; on the same machine, the holding process
+must exist as well (a SIGKILLed worker's key outlives it by up to INCARNATION_TTL).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from datetime import UTC, datetime
+from typing import cast
 
 from jobs import redis
 
@@ -30,10 +42,53 @@ def beat_last_seen() -> datetime | None:
 
 WORKER_KEY = "jobsite:worker:{}"
 WORKER_BEAT_SECONDS = 10.0
+INCARNATION_KEY = "jobsite:worker:incarnation:{}"
+INCARNATION_TTL = 3 * WORKER_BEAT_SECONDS  # three missed heartbeats: the incarnation is gone
+MACHINE = socket.gethostname()
 
 
-def worker_seen_now(hostname: str) -> None:
-    redis.client().set(WORKER_KEY.format(hostname), f"{time.time():.3f}", ex=7 * 24 * 3600)
+def worker_seen_now(hostname: str, instance: str = "") -> None:
+    with redis.client().pipeline(transaction=False) as pipe:
+        pipe.set(WORKER_KEY.format(hostname), f"{time.time():.3f}", ex=7 * 24 * 3600)
+        if instance:
+            pipe.set(INCARNATION_KEY.format(instance), MACHINE, ex=int(INCARNATION_TTL))
+        pipe.execute()
+
+
+def incarnation_seen_now(instance: str) -> None:
+    """Before a worker's pool starts: its processes may hold runs from their first one."""
+    redis.client().set(INCARNATION_KEY.format(instance), MACHINE, ex=int(INCARNATION_TTL))
+
+
+def holders_alive(holders: list[tuple[str, int]]) -> list[bool]:
+    """Whether each (incarnation, process id) that holds a run still exists.
+
+    Its incarnation's key must exist; on this machine, its process too (a whole worker
+    SIGKILLed leaves its key for up to INCARNATION_TTL). One round trip for them all.
+    """
+    if not holders:
+        return []
+    keys = [INCARNATION_KEY.format(i) for i, _ in holders]
+    machines = cast(list[bytes | None], redis.client().mget(keys))  # no decode_responses
+    return [
+        machine is not None and (machine.decode() != MACHINE or process_alive(pid))
+        for (_, pid), machine in zip(holders, machines, strict=True)
+    ]
+
+
+def process_alive(pid: int) -> bool:
+    """True for a running process; a zombie (killed, not yet reaped) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask the kernel directly
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 def worker_last_seen(hostnames: list[str]) -> dict[str, datetime | None]:
@@ -46,14 +101,17 @@ def worker_last_seen(hostnames: list[str]) -> dict[str, datetime | None]:
     }
 
 
-def start_worker_heartbeat(hostname: str) -> threading.Event:
-    """A daemon thread in the worker's main process; returns the event that stops it."""
+def start_worker_heartbeat(hostname: str, instance: str = "") -> threading.Event:
+    """A daemon thread in the worker's main process; returns the event that stops it.
+
+    Each beat renews the worker's name and, given ``instance``, its incarnation.
+    """
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.is_set():
             try:
-                worker_seen_now(hostname)
+                worker_seen_now(hostname, instance)
             except Exception as exc:  # Redis down: try again next time
                 logger.warning("Worker heartbeat not written: %s", exc)
             stop.wait(WORKER_BEAT_SECONDS)

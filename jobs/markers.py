@@ -31,6 +31,13 @@ DONE = b"done"
 REVOKED_INDEX = "jobsite:revoked"  # sorted set: revoked run id -> its marker's expiry (ms)
 REVOKED_CHANNEL = "jobsite:revoked:db{db}"  # Pub/Sub, each run id as it is revoked
 
+_COMPARE_AND_DELETE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 
 def key(task_id: str) -> str:
     return f"jobsite:run:{task_id}"
@@ -38,6 +45,24 @@ def key(task_id: str) -> str:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def holder(value: bytes) -> tuple[str, str, int] | None:
+    """(worker name, incarnation, process id) of a running marker; None for any other."""
+    if not value.startswith(b"run|"):
+        return None
+    _, hostname, instance, pid, _ = value.decode().split("|", 4)
+    return hostname, instance, int(pid)
+
+
+def compare_and_delete(task_id: str, seen: bytes) -> bool:
+    """Delete the run's marker only if it still holds ``seen`` (its owner, or a dead one's)."""
+    return bool(_compare_and_delete()(keys=[key(task_id)], args=[seen]))
+
+
+@functools.cache
+def _compare_and_delete():
+    return client().register_script(_COMPARE_AND_DELETE)
 
 
 def mark_revoked(task_id: str) -> None:

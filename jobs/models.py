@@ -260,6 +260,13 @@ class Job(models.Model):
         default=0,
         help_text="Times the same run was delivered again and not executed twice.",
     )
+    executions = models.PositiveIntegerField(
+        "executions",
+        default=0,
+        help_text="Times the run started executing, retries included (exact for job "
+        "types with the guard; for others, the starts recorded before the run ended). "
+        "More than its attempts: a worker died while running it and it ran again.",
+    )
 
     objects = JobQuerySet.as_manager()
 
@@ -328,6 +335,16 @@ class Job(models.Model):
         if not self.progress_total:
             return None
         return max(0, min(100, round(100 * (self.progress_current or 0) / self.progress_total)))
+
+    @property
+    def executions_note(self) -> str:
+        """Said when the run executed more often than it was attempted ("" otherwise)."""
+        if self.executions <= (self.retries or 0) + 1:
+            return ""
+        return (
+            f"Executed {self.executions} times: a worker died while running it and it ran "
+            "again (at least once after a crash; its logs say when). Check its side effect."
+        )
 
     @property
     def result_file_name(self) -> str:

@@ -56,6 +56,11 @@ class RunSerializer(serializers.ModelSerializer):
     progress = serializers.SerializerMethodField()
     result = serializers.JSONField(read_only=True, allow_null=True)
     result_file_url = serializers.SerializerMethodField()
+    executions_note = serializers.CharField(
+        read_only=True,
+        help_text="Set when the run executed more times than it was attempted: a worker "
+        "died while running it and it ran again (at least once after a crash).",
+    )
 
     class Meta:
         model = Job
@@ -64,8 +69,8 @@ class RunSerializer(serializers.ModelSerializer):
             "submitted_by", "schedule_name", "parent", "workflow_id", "queue", "priority",
             "idempotency_key", "params", "options", "created_at", "sent_at", "eta",
             "expires_at", "received_at", "started_at", "finished_at", "worker", "retries",
-            "retry_history", "progress", "result", "result_file_url", "exception_type",
-            "error_message", "traceback",
+            "retry_history", "executions", "executions_note", "progress", "result",
+            "result_file_url", "exception_type", "error_message", "traceback",
         ]  # fmt: skip
         read_only_fields = fields
 

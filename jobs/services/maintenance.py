@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import cast
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from jobs import heartbeat
+from jobs import heartbeat, markers
 from jobs.models import (
     Alert,
     AuditAction,
     Job,
     JobLog,
+    JobSource,
     JobState,
     JobType,
 )
+from jobs.redis import client
 from jobs.services.audit import audit_record
 from jobs.services.runs import job_publish
 
@@ -61,10 +64,17 @@ def jobs_mark_lost(*, lost_after: int | None = None) -> int:
     """Mark LOST the runs whose worker has sent no heartbeat for ``lost_after`` seconds.
 
     A LOST run can be retried; if its message is redelivered (acks_late) and it runs
-    again, the worker's next transition brings it back from LOST.
+    again, the worker's next transition brings it back from LOST. First, runs whose
+    marker is held by a worker incarnation that is gone are delivered again (or marked
+    LOST) whatever their worker's name does (jobs_reclaim_orphans). Returns how many
+    runs it marked LOST or delivered again.
     """
 
     lost_after = lost_after or settings.JOBSITE_LOST_AFTER
+    return jobs_reclaim_orphans() + _mark_silent_workers_lost(lost_after)
+
+
+def _mark_silent_workers_lost(lost_after: int) -> int:
     now = timezone.now()
     cutoff = now - timedelta(seconds=lost_after)
     active = Job.objects.filter(
@@ -84,6 +94,66 @@ def jobs_mark_lost(*, lost_after: int | None = None) -> int:
     audit_record(actor=None, action=AuditAction.RUNS_LOST, target_type="worker",
                  target_id=",".join(silent), details={"runs": count})  # fmt: skip
     return count
+
+
+ORPHAN_SCAN_LIMIT = 10_000  # unfinished runs looked at per pass (in flight: few)
+
+
+def jobs_reclaim_orphans(*, limit: int = ORPHAN_SCAN_LIMIT) -> int:
+    """Deliver again the unfinished runs whose guard marker's holder no longer exists.
+
+    A run's marker names the worker incarnation and process executing it
+    (jobs.markers); that incarnation's heartbeat key (jobs.heartbeat) outlives it by
+    at most INCARNATION_TTL. A delivery met while the holder still seemed alive was
+    skipped (and acknowledged), so if the holder then died the run would wait for
+    ever: its worker's name may well be heartbeating again, restarted by a supervisor.
+    The dead holder's marker is dropped (compare-and-delete: unless someone took it
+    over meanwhile) and the run published again; the guard lets one delivery run it.
+    Workflow steps and runs Jobsite cannot republish as they were are marked LOST
+    instead (retry from the run's page). Returns how many runs it handled.
+    """
+    rows = list(
+        Job.objects.filter(state__in=[JobState.RECEIVED, JobState.STARTED, JobState.PROGRESS])
+        .order_by()
+        .values_list("pk", flat=True)[:limit]
+    )
+    if not rows:
+        return 0
+    values = cast(list[bytes | None], client().mget([markers.key(pk) for pk in rows]))
+    held: list[tuple[str, bytes, tuple[str, str, int]]] = []
+    for pk, value in zip(rows, values, strict=True):
+        holder = markers.holder(value) if value else None
+        if value and holder:
+            held.append((pk, value, holder))
+    alive = heartbeat.holders_alive([(instance, pid) for _, _, (_, instance, pid) in held])
+    orphans = {pk: (value, holder) for (pk, value, holder), ok in zip(held, alive, strict=True)
+               if not ok}  # fmt: skip
+    handled = 0
+    for job in Job.objects.filter(pk__in=list(orphans)):
+        value, (worker, instance, pid) = orphans[job.pk]
+        if not markers.compare_and_delete(job.pk, value):
+            continue  # taken over (or finished) since: it is running again
+        where = f"{worker} (incarnation {instance}, process {pid})"
+        again = job.source != JobSource.WORKFLOW and "_args" not in job.params
+        if again and job_publish(job=job, force=True, mark_sent=False):
+            message = f"The worker process running this run is gone: {where}; delivered it again."
+        else:
+            Job.objects.filter(pk=job.pk, state__in=[JobState.RECEIVED, JobState.STARTED,
+                                                     JobState.PROGRESS]).update(
+                state=JobState.LOST,
+                finished_at=timezone.now(),
+                error_message=f"The worker process running this run is gone: {where}.",
+            )  # fmt: skip
+            message = f"The worker process running this run is gone: {where}; marked LOST."
+        JobLog.objects.create(job_id=job.pk, created_at=timezone.now(), level="WARNING",
+                              logger="jobsite.guard", message=message)  # fmt: skip
+        logger.warning("Run %s: %s", job.pk, message)
+        handled += 1
+    if handled:
+        audit_record(actor=None, action=AuditAction.RUNS_LOST, target_type="incarnation",
+                     target_id=",".join(sorted({h[1] for _, h in orphans.values()})),
+                     details={"runs": handled})  # fmt: skip
+    return handled
 
 
 def jobs_expire(*, grace: int = 60) -> int:

@@ -100,8 +100,10 @@ received = UpdateBuffer(
     interval=0.25,
     min_age=1.0,
 )
+# Guarded runs are not in it: their STARTED is written when their marker is claimed
+# (jobs.worker.tracking.record_claimed_start); each write here is one execution more.
 started = UpdateBuffer(
-    "UPDATE jobs_job SET started_at = %s, worker = %s, "
+    "UPDATE jobs_job SET started_at = %s, worker = %s, executions = executions + 1, "
     "state = CASE WHEN state IN ('PENDING', 'RECEIVED', 'RETRY', 'LOST') "
     "THEN 'STARTED' ELSE state END "
     "WHERE id = %s AND state NOT IN ('SUCCESS', 'FAILURE', 'REVOKED')"

@@ -47,7 +47,8 @@ from jobs.redis import client
 logger = logging.getLogger(__name__)
 
 # Drawn once per worker start, in the main process before it forks its pool: every
-# pool process of one worker incarnation shares it.
+# pool process of one worker incarnation shares it. The worker's heartbeat keeps it
+# known (jobs.heartbeat): a holder whose incarnation is gone is dead, whatever its name.
 INSTANCE = secrets.token_hex(4)
 
 LEGACY_INDEXED = "jobsite:revoked:indexed"  # markers from before the index: indexed
@@ -63,18 +64,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return false
 """
-_COMPARE_AND_DELETE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 @functools.cache
-def _scripts():
-    r = client()
-    return r.register_script(_COMPARE_AND_SET), r.register_script(_COMPARE_AND_DELETE)
+def _compare_and_set():
+    return client().register_script(_COMPARE_AND_SET)
 
 
 def is_revoked(task_id: str) -> bool:
@@ -283,10 +277,9 @@ class Claim:
     value: bytes = b""  # what we hold (claimed) or saw (busy)
 
     @property
-    def holder(self) -> tuple[str, str, int]:
+    def holder(self) -> tuple[str, str, int] | None:
         """(worker name, worker incarnation, process id) of the process holding the run."""
-        _, hostname, instance, pid, _ = self.value.decode().split("|", 4)
-        return hostname, instance, int(pid)
+        return markers.holder(self.value)
 
 
 def _value(hostname: str) -> bytes:
@@ -316,19 +309,16 @@ def claim(task_id: str, hostname: str) -> Claim:
 def take_over(task_id: str, seen: bytes, hostname: str) -> Claim | None:
     """Replace a dead holder's marker with ours (None if someone else changed it first)."""
     value = _value(hostname)
-    compare_and_set, _ = _scripts()
-    if compare_and_set(keys=[markers.key(task_id)], args=[seen, value, markers.RUNNING_TTL_MS]):
+    if _compare_and_set()(keys=[markers.key(task_id)], args=[seen, value, markers.RUNNING_TTL_MS]):
         return Claim("claimed", value)
     return None
 
 
 def finish(task_id: str, held: bytes) -> None:
     """The run is over: later deliveries of it are duplicates."""
-    compare_and_set, _ = _scripts()
-    compare_and_set(keys=[markers.key(task_id)], args=[held, markers.DONE, markers.DONE_TTL_MS])
+    _compare_and_set()(keys=[markers.key(task_id)], args=[held, markers.DONE, markers.DONE_TTL_MS])
 
 
 def release(task_id: str, held: bytes) -> None:
     """Give the marker back (before a retry, whose new message must be able to claim it)."""
-    _, compare_and_delete = _scripts()
-    compare_and_delete(keys=[markers.key(task_id)], args=[held])
+    markers.compare_and_delete(task_id, held)

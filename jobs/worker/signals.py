@@ -61,6 +61,11 @@ def on_worker_process_init(**kwargs) -> None:
 def on_worker_init(**kwargs) -> None:
     """The worker's main process, before its pool starts."""
     try:
+        # Known before any of its processes can hold a run (jobs.heartbeat).
+        heartbeat.incarnation_seen_now(guard.INSTANCE)
+    except Exception:  # Redis away: the heartbeat writes it once Redis is back
+        logger.exception("Could not record this worker's incarnation")
+    try:
         indexed = guard.index_legacy_markers()
     except Exception:  # Redis away: the next worker start tries again
         logger.exception("Could not index the cancel markers set before the index")
@@ -83,7 +88,7 @@ def on_worker_init(**kwargs) -> None:
 
 def on_worker_ready(sender=None, **kwargs) -> None:
     """Start the worker's heartbeat; a queue paused before it started stays paused."""
-    heartbeat.start_worker_heartbeat(sender.hostname)
+    heartbeat.start_worker_heartbeat(sender.hostname, guard.INSTANCE)
     for queue in queues_paused():
         sender.cancel_task_queue(queue)
 

@@ -21,11 +21,16 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
-from jobs import specs
+from jobs import heartbeat, specs
 from jobs.models import Job, JobLog, JobState
 from jobs.worker import guard
 from jobs.worker.logs import log_capture
-from jobs.worker.tracking import PROGRESS_MIN_INTERVAL, record_state
+from jobs.worker.tracking import (
+    PROGRESS_MIN_INTERVAL,
+    job_is_final,
+    record_claimed_start,
+    record_state,
+)
 
 logger = logging.getLogger(__name__)
 guard_logger = logging.getLogger("jobsite.guard")  # not ignored by the log capture
@@ -99,13 +104,39 @@ class JobTask(Task):
         hostname = request.hostname or socket.gethostname()
         claim = guard.claim(request.id, hostname)
         if claim.outcome == "busy" and not self._holder_alive(claim, hostname):
-            claim = guard.take_over(request.id, claim.value, hostname) or claim
-            if claim.outcome == "claimed":
+            seen = claim
+            # Changed meanwhile: taken over by another process, or dropped by the
+            # reconciler (jobs.services.jobs_reclaim_orphans), so ask once more.
+            claim = guard.take_over(request.id, claim.value, hostname) or guard.claim(
+                request.id, hostname
+            )
+            if claim.outcome == "claimed" and job_is_final(request.id):
+                # Its final state was stored, but its holder died before marking it
+                # done: at most once after the final state, so it does not run again.
+                guard.finish(request.id, claim.value)
+                claim = guard.Claim("done")
+            elif claim.outcome == "claimed":
+                holder = seen.holder
+                assert holder is not None  # a busy claim's marker names its holder
+                holder_host, instance, pid = holder
+                before = Job.objects.filter(pk=request.id).values_list("started_at", flat=True)
+                started = before.first()  # None: it died before its STARTED was stored
+                after = (
+                    f" {(timezone.now() - started).total_seconds():.1f} s after it started"
+                    if started
+                    else ""
+                )
                 guard_logger.warning(
-                    "The worker process that was running this job died; running it again."
+                    "The worker process that was running this job died%s (%s, incarnation "
+                    "%s, process %d); running it again.",
+                    after,
+                    holder_host,
+                    instance,
+                    pid,
                 )
         if claim.outcome == "claimed":
             request.jobsite_claim = claim.value
+            record_claimed_start(request.id, request)
             return
         if claim.outcome == "revoked":
             self._skip_cancelled(request.id)
@@ -113,12 +144,21 @@ class JobTask(Task):
         raise Ignore()
 
     def _holder_alive(self, claim, hostname: str) -> bool:
+        """Whether the process holding the run's marker still exists (by incarnation).
+
+        A worker's name outlives its processes (a supervisor restarts it under the
+        same name), so it proves nothing: the holder's incarnation must still be
+        heartbeating (jobs.heartbeat) and, on this machine, its process exist.
+        """
+        if claim.holder is None:  # busy, holder unknown (it changed as we looked)
+            return True
         holder_host, instance, pid = claim.holder
+        if instance == guard.INSTANCE:
+            return pid != os.getpid() and heartbeat.process_alive(pid)
         if holder_host == hostname:
-            # Same worker name: a previous incarnation is dead (one runs at a time).
-            return instance == guard.INSTANCE and pid != os.getpid() and _pid_alive(pid)
+            return False  # a previous incarnation of this worker: one runs at a time
         try:
-            return bool(self.app.control.ping(destination=[holder_host], timeout=1.0))
+            return heartbeat.holders_alive([(instance, pid)])[0]
         except Exception:  # cannot ask: assume alive rather than risk running twice
             return True
 
@@ -199,26 +239,20 @@ def result_file_path(filename: str) -> Path:
     return absolute
 
 
-def _pid_alive(pid: int) -> bool:
-    """True for a running process; a zombie (killed, not yet reaped) counts as dead."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (not Linux): ask the kernel directly
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-
 def record_duplicate(task_id: str, claim) -> None:
-    """A second delivery of a run that is running or done: count it, log it, skip it."""
-    where = "already finished" if claim.outcome == "done" else f"running on {claim.holder[0]}"
+    """A second delivery of a run that is running or done: count it, log it, skip it.
+
+    Nothing else of the run changes: not its state, worker or start time (its STARTED
+    waits for the claim, jobs.worker.tracking.record_claimed_start).
+    """
+    holder = claim.holder if claim.outcome == "busy" else None
+    where = (
+        "already finished"
+        if claim.outcome == "done"
+        else f"running on {holder[0] if holder else 'another worker'}"
+    )
     logger.warning("Duplicate delivery of run %s skipped (%s)", task_id, where)
-    Job.objects.filter(pk=task_id).update(duplicates_skipped=F("duplicates_skipped") + 1)
+    # The log line first: whoever sees the count has its line to read.
     if Job.objects.filter(pk=task_id).exists():
         JobLog.objects.create(
             job_id=task_id,
@@ -227,3 +261,4 @@ def record_duplicate(task_id: str, claim) -> None:
             logger="jobsite.guard",
             message=f"Duplicate delivery skipped: the run is {where}.",
         )
+    Job.objects.filter(pk=task_id).update(duplicates_skipped=F("duplicates_skipped") + 1)

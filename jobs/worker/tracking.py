@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from celery import states
+from celery import current_task, states
 from celery.utils.time import maybe_iso8601
 from django.db import IntegrityError, transaction
-from django.db.models import F, Value
+from django.db.models import Case, F, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
@@ -52,6 +52,10 @@ def record_state(task_id: str, status: str, result, traceback: str | None, reque
     """Store one Celery state transition on the run's Job row (creating it if needed)."""
     if not tracked(request):
         return
+    if status == states.STARTED and _guarded(task_id):
+        # Stored once the run's marker is ours (record_claimed_start): a delivery the
+        # guard skips must leave the run's state, worker and start time alone.
+        return
     if status == states.STARTED and _submitted_by_jobsite(request):
         # Its row exists: STARTED is informative, so it is buffered; the final write
         # (durable before the ack) carries started_at as well.
@@ -70,6 +74,46 @@ def record_state(task_id: str, status: str, result, traceback: str | None, reque
     updated = Job.objects.filter(pk=task_id).exclude(state__in=FINAL).update(**changes)
     if not updated and not Job.objects.filter(pk=task_id).exists():
         _create_from_request(task_id, request, fields)
+
+
+def record_claimed_start(task_id: str, request) -> None:
+    """A guarded run starts for real (its marker is ours): STARTED, and one execution more.
+
+    Written at once, not buffered: the count of executions is what tells an operator
+    that a run executed again after a crash.
+    """
+    if not tracked(request):
+        return
+    now = timezone.now()
+    request.jobsite_started_at = now
+    hostname = getattr(request, "hostname", None) or ""
+    buffer.started.discard(task_id)
+    updated = (
+        Job.objects.filter(pk=task_id)
+        .exclude(state__in=FINAL)
+        .update(
+            state=Case(When(state__in=_STARTABLE, then=Value(states.STARTED)), default=F("state")),
+            started_at=now,
+            worker=hostname,
+            executions=F("executions") + 1,
+        )
+    )
+    if not updated and not Job.objects.filter(pk=task_id).exists():
+        fields = {"state": states.STARTED, "started_at": now, "executions": 1}
+        if hostname:
+            fields["worker"] = hostname
+        _create_from_request(task_id, request, fields)
+
+
+_STARTABLE = [states.PENDING, "RECEIVED", states.RETRY, "LOST"]
+
+
+def _guarded(task_id: str) -> bool:
+    # Celery's tracer has pushed the task before it stores STARTED.
+    task = current_task
+    return bool(
+        task is not None and getattr(task, "jobsite_guard", False) and task.request.id == task_id
+    )
 
 
 def tracked(request) -> bool:

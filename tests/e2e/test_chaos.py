@@ -1,0 +1,263 @@
+"""Chaos: whole workers SIGKILLed at random moments and restarted under their names.
+
+On each broker, two prefork workers (2 processes each) drain guarded e-mail runs
+(send_mail; its side effect, a file per message, is written outside the database)
+while a supervisor loop kills a whole worker (main process and pool: its process
+group) mid-drain and starts it again under the same name, as systemd or Kubernetes
+would. Reconciliation runs as beat would run it (jobs_mark_lost), only more often.
+
+A second scenario restarts a Redis broker (a private redis-server, append-only) mid-drain
+instead. Restarting RabbitMQ or PostgreSQL needs private instances of those as well: not
+here yet (the fault tests restart RabbitMQ and drop the database connections once).
+
+Asserted: every run reaches its final state, none is lost (each mail sent at least
+once), and, for kills, the runs that ran twice are at most kills x pool size. The
+figures are printed (run with -s to see them). One loss is not Jobsite's: on Redis, a
+run sent and then gone from the broker before any worker received it (kombu's transport
+pops a message before it stores it as unacknowledged) makes the test xfail, with the
+runs named; any other lost or unfinished run fails it.
+
+Fast by default (CI): CHAOS_RUNS=300, CHAOS_KILLS=3, CHAOS_RESTARTS=2, well under 2
+minutes per scenario. The long run:
+    CHAOS_RUNS=3000 CHAOS_KILLS=6 python -m pytest -s tests/e2e/test_chaos.py
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from jobs import services
+from jobs.models import FINISHED_STATES, Job
+from jobsite.celery import app as celery_app
+from tests.conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker
+
+pytestmark = [pytest.mark.broker, pytest.mark.chaos]
+
+RUNS = int(os.environ.get("CHAOS_RUNS", "300"))
+KILLS = int(os.environ.get("CHAOS_KILLS", "3"))
+RESTARTS = int(os.environ.get("CHAOS_RESTARTS", "2"))  # of the broker
+SEED = int(os.environ.get("CHAOS_SEED", str(random.randrange(1_000_000))))
+POOL = 2
+QUEUE = "chaosq"
+DRAIN_TIMEOUT = 30 + RUNS / 20  # seconds after the last fault (a drain takes a few)
+RECONCILE_EVERY = 2.0  # seconds (beat: every 60 s)
+# pyproject's 300 s suits the fast variant; the long one needs more.
+pytestmark.append(pytest.mark.timeout(int(240 + RUNS * 0.4)))
+# A killed Redis consumer's unacknowledged messages come back after this (RabbitMQ:
+# at once, when the connection drops).
+FAST_RESTORE = {
+    "JOBSITE_REDIS_VISIBILITY_TIMEOUT": "3",
+    "JOBSITE_REDIS_RESTORE_INTERVAL": "1",
+    "JOBSITE_REDIS_RESTORE_THROTTLE": "1",
+}
+
+
+def purge_queue(url: str) -> None:
+    with celery_app.connection_for_write(url) as conn, contextlib.suppress(Exception):
+        conn.default_channel.queue_purge(QUEUE)
+
+
+def mails_by_subject(mail_dir: Path) -> collections.Counter:
+    sent: collections.Counter = collections.Counter()
+    for path in mail_dir.glob("*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("Subject: chaos-"):
+                sent[line.removeprefix("Subject: ")] += 1
+    return sent
+
+
+def unfinished(ids: list[str]) -> int:
+    return Job.objects.filter(pk__in=ids).exclude(state__in=FINISHED_STATES).count()
+
+
+def wait_until_done(ids: list[str], share: float, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while unfinished(ids) > len(ids) * (1 - share) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@dataclass
+class Drain:
+    """Guarded mail runs drained by two workers while ``fault`` strikes between batches."""
+
+    broker: str
+    url: str
+    db_url: str
+    faults: int
+    rng: random.Random = field(default_factory=lambda: random.Random(SEED))
+
+    def run(self, alice, granted, fault) -> dict:
+        mail_dir = Path(tempfile.mkdtemp(prefix=f"jobsite-chaos-{self.broker}-"))
+        env = {**FAST_RESTORE, "DJANGO_EMAIL_FILE_PATH": str(mail_dir)}
+        self.workers = [
+            Worker(self.broker, self.url, self.db_url, name=f"chaos-{self.broker}-{n}",
+                   queues=QUEUE, concurrency=POOL, extra_env=env)
+            for n in (1, 2)
+        ]  # fmt: skip
+        use_broker(self.url)
+        purge_queue(self.url)
+        token = uuid.uuid4().hex[:8]
+        started = time.monotonic()
+        ids: list[str] = []
+        in_flight: list[int] = []  # unfinished runs of the batch at each fault
+        try:
+            for worker in self.workers:
+                worker.start()
+            # One batch per fault and one more: each fault falls while a batch drains.
+            batches = [RUNS // (self.faults + 1)] * (self.faults + 1)
+            batches[-1] += RUNS - sum(batches)
+            for index, size in enumerate(batches):
+                items = [
+                    (granted["send_mail"],
+                     {"to": "ops@example.com", "subject": f"chaos-{token}-{len(ids) + n}",
+                      "body": "x"},
+                     {"queue": QUEUE})
+                    for n in range(size)
+                ]  # fmt: skip
+                batch = [job.id for job in services.job_submit_many(items=items, user=alice)]
+                ids += batch
+                if index < self.faults:
+                    # A random moment of the drain: once a random share of it is done.
+                    wait_until_done(batch, share=self.rng.uniform(0.1, 0.7))
+                    in_flight.append(unfinished(batch))
+                    fault(self)
+                    services.jobs_mark_lost()
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            while unfinished(ids) and time.monotonic() < deadline:
+                # As beat does, more often: reconcile, and send what the broker refused.
+                services.jobs_mark_lost()
+                services.jobs_relay(min_age=0)
+                time.sleep(RECONCILE_EVERY)
+            stuck = list(
+                Job.objects.filter(pk__in=ids)
+                .exclude(state__in=FINISHED_STATES)
+                .values_list("pk", "state", "sent_at", "received_at", "worker")
+            )
+        finally:
+            for worker in self.workers:
+                worker.stop()
+            use_broker(BROKERS["redis"])
+        rows = list(Job.objects.filter(pk__in=ids).values_list("params", "state", "executions"))
+        sent = mails_by_subject(mail_dir)
+        subjects = [params["subject"] for params, _, _ in rows]
+        return {
+            "runs": len(ids),
+            "lost": [s for s in subjects if sent[s] == 0],
+            "twice": [s for s in subjects if sent[s] > 1],
+            "states": dict(collections.Counter(state for _, state, _ in rows)),
+            "executed_again": sum(1 for _, _, executions in rows if executions > 1),
+            "in_flight": in_flight,
+            "stuck": stuck,
+            "time": time.monotonic() - started,
+        }
+
+
+def report(scenario: str, faults: int, figures: dict) -> None:
+    print(
+        f"\nchaos {scenario}: runs={figures['runs']} faults={faults} "
+        f"lost={len(figures['lost'])} sent twice={len(figures['twice'])} "
+        f"executions>1={figures['executed_again']} states={figures['states']} "
+        f"unfinished at each fault={figures['in_flight']} time={figures['time']:.0f}s "
+        f"seed={SEED}"
+    )
+    assert figures["runs"] == RUNS
+    assert all(figures["in_flight"]), f"a fault fell on idle workers: {figures['in_flight']}"
+    never_delivered = [row for row in figures["stuck"] if row[1] == "PENDING" and not row[3]]
+    if scenario.startswith("redis") and never_delivered == figures["stuck"] != []:
+        # Sent, then gone from the broker before any worker recorded it: kombu's Redis
+        # transport pops a message (BRPOP) and only then stores it as unacknowledged,
+        # so a consumer killed in between (or a server gone) loses it (celery#7950,
+        # kombu#305). Not the guard's: no worker ever held these runs.
+        pytest.xfail(f"{len(never_delivered)} runs lost by the Redis transport: {never_delivered}")
+    assert figures["states"] == {"SUCCESS": RUNS}, (
+        f"not all final (seed {SEED}): {figures['stuck']}"
+    )
+    assert not figures["lost"], f"{len(figures['lost'])} runs never sent their mail"
+
+
+def kill_a_worker(drain: Drain) -> None:
+    victim = drain.rng.choice(drain.workers)
+    victim.kill()  # SIGKILL to its process group: main process and pool
+    victim.start()  # the same name, a new incarnation
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_no_guarded_run_is_lost_when_whole_workers_are_killed_and_restarted(
+    broker, _workers, transactional_db, alice, granted
+):
+    url = BROKERS[broker]
+    if not _reachable(url):
+        service_unavailable(f"{broker} is not reachable at {url}")
+    figures = Drain(broker, url, _workers.db_url, KILLS).run(alice, granted, kill_a_worker)
+
+    report(f"{broker} kills", KILLS, figures)
+    assert len(figures["twice"]) <= KILLS * POOL, "more ran twice than kills x pool size"
+
+
+class RedisServer:
+    """A private redis-server (append-only, as a broker must be) that may be restarted."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="jobsite-chaos-redis-")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        ping = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.ConnectionError):
+                ping.ping()
+                return
+            time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: it writes its append-only file first
+            self.process.wait(timeout=10)
+
+
+def test_no_guarded_run_is_lost_when_the_redis_broker_restarts_mid_drain(
+    _workers, transactional_db, alice, granted
+):
+    if shutil.which("redis-server") is None:
+        service_unavailable("no redis-server binary to start a private broker")
+    server = RedisServer()
+    server.start()
+
+    def restart_the_broker(drain: Drain) -> None:
+        server.stop()
+        server.start()
+
+    try:
+        figures = Drain("redis", server.url, _workers.db_url, RESTARTS).run(
+            alice, granted, restart_the_broker
+        )
+    finally:
+        server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
+
+    report("redis broker restarts", RESTARTS, figures)
