@@ -60,8 +60,12 @@ BUILT_IN_PREFIXES = ("celery.", "jobsite.")
 
 def refusal(task_name: str, headers: dict) -> str | None:
     """Why beat must not send this task with these headers (None: it may)."""
-    if not (specs.by_task_name(task_name) or task_name.startswith(BUILT_IN_PREFIXES)):
+    spec = specs.by_task_name(task_name)
+    if not (spec or task_name.startswith(BUILT_IN_PREFIXES)):
         return f"the task {task_name!r} is not in the catalogue"
+    if spec is not None and spec.internal:
+        # Written into the table by other means than the admin, which refuses it.
+        return f"the job type {spec.name!r} is internal: only Jobsite sends it"
     return header_refusal(headers)
 
 
