@@ -263,6 +263,7 @@ class Job(models.Model):
     executions = models.PositiveIntegerField(
         "executions",
         default=0,
+        db_default=0,  # rows written by raw SQL (bulk loads, COPY) start at 0 too
         help_text="Times the run started executing, retries included (exact for job "
         "types with the guard; for others, the starts recorded before the run ended). "
         "More than its attempts: a worker died while running it and it ran again.",

@@ -13,6 +13,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='job',
             name='executions',
-            field=models.PositiveIntegerField(default=0, help_text='Times the run started executing, retries included (exact for job types with the guard; for others, the starts recorded before the run ended). More than its attempts: a worker died while running it and it ran again.', verbose_name='executions'),
+            field=models.PositiveIntegerField(db_default=0, default=0, help_text='Times the run started executing, retries included (exact for job types with the guard; for others, the starts recorded before the run ended). More than its attempts: a worker died while running it and it ran again.', verbose_name='executions'),
         ),
     ]

@@ -13,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobs.models import Job
 from tests.conftest import BROKERS, _reachable, service_unavailable, use_broker
 
+pytestmark = pytest.mark.broker
+
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
