@@ -42,16 +42,23 @@ def workers_online(timeout: float = INSPECT_TIMEOUT) -> list[str]:
 def workers_inspect(timeout: float = INSPECT_TIMEOUT) -> list[WorkerInfo]:
     """Everything the workers report about themselves, one entry per online worker."""
     try:
-        inspect = current_app.control.inspect(timeout=timeout)
-        stats = inspect.stats() or {}
+        # Who is online is only known after the timeout: Celery waits it out when it
+        # does not know how many replies to expect.
+        stats = current_app.control.inspect(timeout=timeout).stats() or {}
         if not stats:
             return []
+        # The rest is asked of exactly those workers: each call returns as soon as they
+        # have all replied, instead of waiting out its own timeout (six in a row made the
+        # workers page take six seconds).
+        known = current_app.control.inspect(
+            timeout=timeout, destination=sorted(stats), limit=len(stats)
+        )
         answers = {
-            "active": inspect.active() or {},
-            "reserved": inspect.reserved() or {},
-            "scheduled": inspect.scheduled() or {},
-            "registered": inspect.registered() or {},
-            "active_queues": inspect.active_queues() or {},
+            "active": known.active() or {},
+            "reserved": known.reserved() or {},
+            "scheduled": known.scheduled() or {},
+            "registered": known.registered() or {},
+            "active_queues": known.active_queues() or {},
         }
     except Exception as exc:
         logger.warning("Could not inspect workers: %s", exc)
