@@ -112,42 +112,32 @@ def remote(
     form: type[forms.Form],
     title: str,
     job_type: str | None = None,
-    description: str = "",
     queue: str = "default",
-    priority: int = 5,
-    max_retries: int = 0,
-    retry_backoff: int = 2,
-    soft_time_limit: int | None = None,
-    time_limit: int | None = None,
-    expires: int | None = None,
-    secret_fields: tuple[str, ...] = (),
-    route: str = "",
+    **options,
 ) -> JobSpec:
     """Declare a job type whose task runs on workers of another codebase.
 
     Jobsite validates its parameters with ``form``, sends it by name (``send_task``) and
     never imports it. Its run's state is what those workers store: through Jobsite's
     result backend (``jobs.celery.install`` in their Celery app) every state shows in
-    history as for Jobsite's own job types; otherwise the run stays as sent. The
-    duplicate guard needs Jobsite's task base class, so a remote job type has none.
+    history as for Jobsite's own job types; otherwise the run stays as sent. ``options``
+    are JobSpec's (priority, max_retries, time limits, expires, secret_fields, route...).
+    The duplicate guard needs Jobsite's task base class, so a remote job type has none.
     """
+    refused = {"guard", "task_options", "queues"} & set(options)
+    if refused:
+        raise TypeError(f"catalog.remote() takes no {', '.join(sorted(refused))}")
+    if "secret_fields" in options:
+        options["secret_fields"] = tuple(options["secret_fields"])
     spec = JobSpec(
         name=job_type or task_name.rsplit(".", 1)[-1],
         task_name=task_name,
         form=form,
         title=title,
-        description=description,
         queue=queue,
         queues=(queue,),
-        priority=priority,
-        max_retries=max_retries,
-        retry_backoff=retry_backoff,
-        soft_time_limit=soft_time_limit,
-        time_limit=time_limit,
-        expires=expires,
-        secret_fields=tuple(secret_fields),
-        route=route,
         remote=True,
+        **options,
     )
     register(spec)
     return spec
