@@ -18,12 +18,15 @@ pytestmark = pytest.mark.broker
 SECRET = "Tr0ub4dor-3-horse"
 
 
-@pytest.mark.django_db
-def test_beat_sends_a_secret_parameter_masked_in_kwargsrepr(job_types):
+def first_message_beat_sends(task: str, kwargs: dict, *, then_send: str | None = None):
+    """The first message on a probe route after beat applied a schedule of ``task``.
+
+    With ``then_send``, that task is sent on the same route right after: it comes first
+    when beat sent nothing.
+    """
     queue = f"probe-{uuid.uuid4().hex[:8]}"
     schedule = PeriodicTask.objects.create(
-        name="rotate nightly", task="jobs.rotate_credentials",
-        kwargs=json.dumps({"service": "billing-db", "new_password": SECRET}),
+        name=f"probe {queue}", task=task, kwargs=json.dumps(kwargs),
         interval=IntervalSchedule.objects.create(every=1, period="days"),
         queue=queue, exchange="jobsite-probe", routing_key=queue,
     )  # fmt: skip
@@ -33,9 +36,19 @@ def test_beat_sends_a_secret_parameter_masked_in_kwargsrepr(job_types):
         with conn.SimpleQueue(binding) as raw:
             with celery_app.producer_or_acquire() as producer:
                 scheduler.apply_entry(ModelEntry(schedule, app=celery_app), producer=producer)
+            if then_send:
+                celery_app.send_task(then_send, exchange="jobsite-probe", routing_key=queue)
             message = raw.get(block=True, timeout=15)
             message.ack()
         binding(conn.default_channel).delete()
+    return message
+
+
+@pytest.mark.django_db
+def test_beat_sends_a_secret_parameter_masked_in_kwargsrepr(job_types):
+    message = first_message_beat_sends(
+        "jobs.rotate_credentials", {"service": "billing-db", "new_password": SECRET}
+    )
 
     assert message.headers["task"] == "jobs.rotate_credentials"
     assert "billing-db" in message.headers["kwargsrepr"]
@@ -46,24 +59,9 @@ def test_beat_sends_a_secret_parameter_masked_in_kwargsrepr(job_types):
 @pytest.mark.django_db
 def test_beat_does_not_send_a_schedule_of_an_internal_job_type(job_types, caplog):
     """A row written straight into the table (the admin refuses it) is logged, not sent."""
-    queue = f"probe-{uuid.uuid4().hex[:8]}"
-    schedule = PeriodicTask.objects.create(
-        name="errback by hand", task="jobs.workflow_failed",
-        kwargs=json.dumps({"workflow_id": "someone-elses"}),
-        interval=IntervalSchedule.objects.create(every=1, period="days"),
-        queue=queue, exchange="jobsite-probe", routing_key=queue,
-    )  # fmt: skip
-    binding = Queue(queue, Exchange("jobsite-probe", type="direct"), routing_key=queue)
-    scheduler = JobsiteScheduler(app=celery_app, lazy=True)
-    with celery_app.connection_for_write() as conn:
-        with conn.SimpleQueue(binding) as raw:
-            with celery_app.producer_or_acquire() as producer:
-                scheduler.apply_entry(ModelEntry(schedule, app=celery_app), producer=producer)
-            # A run sent on the same route after it arrives first if nothing was sent.
-            celery_app.send_task("jobsite.relay", exchange="jobsite-probe", routing_key=queue)
-            message = raw.get(block=True, timeout=15)
-            message.ack()
-        binding(conn.default_channel).delete()
+    message = first_message_beat_sends(
+        "jobs.workflow_failed", {"workflow_id": "someone-elses"}, then_send="jobsite.relay"
+    )
 
     assert message.headers["task"] == "jobsite.relay"
     assert "is internal: only Jobsite sends it" in caplog.text
