@@ -387,9 +387,13 @@ CELERY_BROKER_TRANSPORT_OPTIONS["unacked_restore_interval"] = env_int(
 CELERY_BROKER_TRANSPORT_OPTIONS["unacked_restore_throttle"] = env_int(
     "JOBSITE_REDIS_RESTORE_THROTTLE", 10, minimum=1
 )
-# A dropped database connection under the worker: reconnect and store again.
+# A dropped database connection under the worker (a restart, a fail-over): reconnect and
+# store again, backing off up to 2 s a try, for about a minute, before giving up on the
+# run's state (after five tries, a 2 s restart lost runs: their states never stored).
 CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
-CELERY_RESULT_BACKEND_MAX_RETRIES = 5
+CELERY_RESULT_BACKEND_MAX_RETRIES = 80
+CELERY_RESULT_BACKEND_BASE_SLEEP_BETWEEN_RETRIES_MS = 50
+CELERY_RESULT_BACKEND_MAX_SLEEP_BETWEEN_RETRIES_MS = 2000
 # Malformed, oversize and unknown messages are recorded, not only logged, by Jobsite's
 # worker consumer (jobs.worker.consumer:JobsiteConsumer, set by jobs.celery.install).
 CELERY_BEAT_SCHEDULE = {

@@ -64,6 +64,16 @@ class JobTask(Task):
             kwargs = self._checked_params(kwargs)
         return super().__call__(*args, **kwargs)
 
+    def _stored(self, write, *args):
+        """Jobsite's own database work before the job runs, riding out a database restart.
+
+        With the database down for a moment (a restart, a fail-over), the run's STARTED
+        write failed the run before its code ran, and its state was stored as a failure
+        once the database was back. The result backend's retry policy applies instead:
+        reconnect and try again with backoff (CELERY_RESULT_BACKEND_MAX_RETRIES).
+        """
+        return self.backend._ensure_retryable(write, *args)
+
     def _checked_params(self, kwargs: dict) -> dict:
         """The job type's form checks the parameters, whatever client sent the message.
 
@@ -97,7 +107,7 @@ class JobTask(Task):
         # A run cancelled from Jobsite is REVOKED already; one that only its marker
         # cancelled (beat's run sent ahead of a schedule since changed) is made so.
         result = {"exc_type": "TaskRevokedError", "exc_message": "Cancelled before it started"}
-        record_state(task_id, states.REVOKED, result, None, self.request)
+        self._stored(record_state, task_id, states.REVOKED, result, None, self.request)
         raise Ignore()
 
     def _claim(self, request) -> None:
@@ -110,7 +120,7 @@ class JobTask(Task):
             claim = guard.take_over(request.id, claim.value, hostname) or guard.claim(
                 request.id, hostname
             )
-            if claim.outcome == "claimed" and job_is_final(request.id):
+            if claim.outcome == "claimed" and self._stored(job_is_final, request.id):
                 # Its final state was stored, but its holder died before marking it
                 # done: at most once after the final state, so it does not run again.
                 guard.finish(request.id, claim.value)
@@ -136,11 +146,11 @@ class JobTask(Task):
                 )
         if claim.outcome == "claimed":
             request.jobsite_claim = claim.value
-            record_claimed_start(request.id, request)
+            self._stored(record_claimed_start, request.id, request)
             return
         if claim.outcome == "revoked":
             self._skip_cancelled(request.id)
-        record_duplicate(request.id, claim)
+        self._stored(record_duplicate, request.id, claim)
         raise Ignore()
 
     def _holder_alive(self, claim, hostname: str) -> bool:

@@ -554,3 +554,31 @@ def test_settings_table_filters_through_the_module_filter_and_misses_namespaced_
     finally:
         celery_app_utils.filter_hidden_settings = saved
     assert len(calls) == 1
+
+
+def test__ensure_retryable_calls_again_what_exception_safe_to_retry_accepts_then_gives_up(app):
+    class Dropping(BaseBackend):
+        def exception_safe_to_retry(self, exc):
+            return isinstance(exc, ConnectionResetError)
+
+    app.conf.result_backend_always_retry = True
+    app.conf.result_backend_max_retries = 2
+    app.conf.result_backend_base_sleep_between_retries_ms = 1
+    backend = Dropping(app=app)
+    calls = []
+
+    def write(run_id, fail_times):
+        calls.append(run_id)
+        if len(calls) <= fail_times:
+            raise ConnectionResetError("dropped")
+        return "stored"
+
+    assert backend._ensure_retryable(write, "run-1", 2) == "stored"
+    assert calls == ["run-1"] * 3
+    calls.clear()
+    with pytest.raises(ConnectionResetError):
+        backend._ensure_retryable(write, "run-2", 3)  # a third retry is one too many
+    calls.clear()
+    with pytest.raises(ValueError):
+        backend._ensure_retryable(lambda: (calls.append(1), int("x")))  # not retryable
+    assert calls == [1]

@@ -6,9 +6,10 @@ while a supervisor loop kills a whole worker (main process and pool: its process
 group) mid-drain and starts it again under the same name, as systemd or Kubernetes
 would. Reconciliation runs as beat would run it (jobs_mark_lost), only more often.
 
-A second scenario restarts a Redis broker (a private redis-server, append-only) mid-drain
-instead. Restarting RabbitMQ or PostgreSQL needs private instances of those as well: not
-here yet (the fault tests restart RabbitMQ and drop the database connections once).
+Two more scenarios restart a real server mid-drain instead of killing workers: the broker
+(a private redis-server, append-only, or a private RabbitMQ node), and PostgreSQL (a
+private cluster that the test's database is copied onto), stopped cleanly, down for a
+moment, and started again. The machine's shared servers are never restarted.
 
 Asserted: every run reaches its final state, none is lost (each mail sent at least
 once), and, for kills, the runs that ran twice are at most kills x pool size. The
@@ -28,8 +29,6 @@ import collections
 import contextlib
 import os
 import random
-import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,12 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import redis
+from django.db import connection
 
 from jobs import services
 from jobs.models import FINISHED_STATES, Job
 from jobsite.celery import app as celery_app
 from tests.conftest import BROKERS, Worker, _reachable, service_unavailable, use_broker
+from tests.e2e.servers import PrivatePostgres, PrivateRabbitMQ, PrivateRedis, PrivateServer
 
 pytestmark = [pytest.mark.broker, pytest.mark.chaos]
 
@@ -208,56 +208,85 @@ def test_no_guarded_run_is_lost_when_whole_workers_are_killed_and_restarted(
     assert len(figures["twice"]) <= KILLS * POOL, "more ran twice than kills x pool size"
 
 
-class RedisServer:
-    """A private redis-server (append-only, as a broker must be) that may be restarted."""
+def restart_the_server(server: PrivateServer, down: float = 1.0):
+    """A fault that stops ``server`` cleanly, leaves it down ``down`` seconds, starts it."""
 
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="jobsite-chaos-redis-")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        ping = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.ConnectionError):
-                ping.ping()
-                return
-            time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: it writes its append-only file first
-            self.process.wait(timeout=10)
-
-
-def test_no_guarded_run_is_lost_when_the_redis_broker_restarts_mid_drain(
-    _workers, transactional_db, alice, granted
-):
-    if shutil.which("redis-server") is None:
-        service_unavailable("no redis-server binary to start a private broker")
-    server = RedisServer()
-    server.start()
-
-    def restart_the_broker(drain: Drain) -> None:
+    def fault(drain: Drain) -> None:
         server.stop()
+        time.sleep(down)
         server.start()
 
+    return fault
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_no_guarded_run_is_lost_when_the_broker_restarts_mid_drain(
+    broker, _workers, transactional_db, alice, granted
+):
+    server: PrivateServer = PrivateRedis() if broker == "redis" else PrivateRabbitMQ()
+    if not server.available():
+        service_unavailable(f"no {server.what} binary to start a private broker")
     try:
-        figures = Drain("redis", server.url, _workers.db_url, RESTARTS).run(
-            alice, granted, restart_the_broker
+        server.start()
+        figures = Drain(broker, server.url, _workers.db_url, RESTARTS).run(
+            alice, granted, restart_the_server(server)
         )
     finally:
-        server.stop()
-        shutil.rmtree(server.dir, ignore_errors=True)
+        server.remove()
 
-    report("redis broker restarts", RESTARTS, figures)
+    report(f"{broker} broker restarts", RESTARTS, figures)
+
+
+@contextlib.contextmanager
+def database_on(server: PrivatePostgres):
+    """Move this test's database, with what its fixtures wrote, onto ``server``.
+
+    The test's own connection (submits, reconciliation, the checks) and the workers then
+    use the private PostgreSQL, which the test may restart; the shared one is never
+    restarted. Back on the shared database afterwards, for the test's own teardown.
+    """
+    shared = connection.settings_dict
+    dump = subprocess.run(
+        ["pg_dump", "--no-owner", "-h", shared["HOST"], "-p", str(shared["PORT"] or 5432),
+         "-U", shared["USER"], shared["NAME"]],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    subprocess.run(
+        ["psql", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(server.port),
+         "-U", "postgres", "jobsite"],
+        input=dump, check=True, capture_output=True,
+    )  # fmt: skip
+    saved = {key: shared[key] for key in ("HOST", "PORT", "NAME", "USER")}
+    connection.close()
+    shared.update(HOST="127.0.0.1", PORT=str(server.port), NAME="jobsite", USER="postgres")
+    try:
+        yield server.url
+    finally:
+        connection.close()
+        shared.update(saved)
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_no_guarded_run_is_lost_when_postgresql_restarts_mid_drain(
+    broker, _workers, transactional_db, alice, granted
+):
+    url = BROKERS[broker]
+    if not _reachable(url):
+        service_unavailable(f"{broker} is not reachable at {url}")
+    server = PrivatePostgres()
+    if not server.available():
+        service_unavailable("no PostgreSQL binaries to start a private database")
+    restart = restart_the_server(server, down=2.0)
+
+    def restart_the_database(drain: Drain) -> None:
+        restart(drain)
+        connection.close()  # the test's own session ended with the server; a new one
+
+    try:
+        server.start()
+        with database_on(server) as db_url:
+            figures = Drain(broker, url, db_url, RESTARTS).run(alice, granted, restart_the_database)
+    finally:
+        server.remove()
+
+    report(f"{broker} postgresql restarts", RESTARTS, figures)
