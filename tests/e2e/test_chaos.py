@@ -189,6 +189,13 @@ def report(scenario: str, faults: int, figures: dict) -> None:
     assert not figures["lost"], f"{len(figures['lost'])} runs never sent their mail"
 
 
+def shared_broker(broker: str) -> str:
+    url = BROKERS[broker]
+    if not _reachable(url):
+        service_unavailable(f"{broker} is not reachable at {url}")
+    return url
+
+
 def kill_a_worker(drain: Drain) -> None:
     victim = drain.rng.choice(drain.workers)
     victim.kill()  # SIGKILL to its process group: main process and pool
@@ -199,9 +206,7 @@ def kill_a_worker(drain: Drain) -> None:
 def test_no_guarded_run_is_lost_when_whole_workers_are_killed_and_restarted(
     broker, _workers, transactional_db, alice, granted
 ):
-    url = BROKERS[broker]
-    if not _reachable(url):
-        service_unavailable(f"{broker} is not reachable at {url}")
+    url = shared_broker(broker)
     figures = Drain(broker, url, _workers.db_url, KILLS).run(alice, granted, kill_a_worker)
 
     report(f"{broker} kills", KILLS, figures)
@@ -270,9 +275,7 @@ def database_on(server: PrivatePostgres):
 def test_no_guarded_run_is_lost_when_postgresql_restarts_mid_drain(
     broker, _workers, transactional_db, alice, granted
 ):
-    url = BROKERS[broker]
-    if not _reachable(url):
-        service_unavailable(f"{broker} is not reachable at {url}")
+    url = shared_broker(broker)
     server = PrivatePostgres()
     if not server.available():
         service_unavailable("no PostgreSQL binaries to start a private database")
