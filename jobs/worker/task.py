@@ -72,7 +72,7 @@ class JobTask(Task):
         once the database was back. The result backend's retry policy applies instead:
         reconnect and try again with backoff (CELERY_RESULT_BACKEND_MAX_RETRIES).
         """
-        return self.backend._ensure_retryable(write, *args)
+        return self.backend._ensure_retryable(write, *args)  # type: ignore[attr-defined]  # internals 67
 
     def _checked_params(self, kwargs: dict) -> dict:
         """The job type's form checks the parameters, whatever client sent the message.
