@@ -371,6 +371,9 @@ CELERY_BEAT_SCHEDULE = {
 # `manage.py relay`); a run whose worker is silent this long is marked LOST.
 JOBSITE_RELAY_EVERY = env_int("JOBSITE_RELAY_EVERY", 15, minimum=1)
 JOBSITE_LOST_AFTER = env_int("JOBSITE_LOST_AFTER", 300, minimum=10)
+# Redis broker: a run sent this long ago that no worker received and whose message is
+# no longer on the broker (kombu#305) is sent again by the reconciliation (mark_lost).
+JOBSITE_REDIS_RESEND_AFTER = env_int("JOBSITE_REDIS_RESEND_AFTER", 120, minimum=1)
 JOBSITE_RETENTION_DAYS = env_int("JOBSITE_RETENTION_DAYS", 30, minimum=1)
 # Largest task message a worker accepts; bigger ones are rejected and audited.
 JOBSITE_MAX_MESSAGE_BYTES = env_int("JOBSITE_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024)
@@ -386,6 +389,12 @@ CELERY_BROKER_TRANSPORT_OPTIONS["unacked_restore_interval"] = env_int(
 )
 CELERY_BROKER_TRANSPORT_OPTIONS["unacked_restore_throttle"] = env_int(
     "JOBSITE_REDIS_RESTORE_THROTTLE", 10, minimum=1
+)
+# The lock that lets one worker at a time restore such messages. A worker killed, or a
+# server restarted, while holding it leaves it held until it expires: kombu's 300 s
+# would hold every redelivery back that long.
+CELERY_BROKER_TRANSPORT_OPTIONS["unacked_mutex_expire"] = env_int(
+    "JOBSITE_REDIS_RESTORE_MUTEX_EXPIRE", 60, minimum=1
 )
 # A dropped database connection under the worker (a restart, a fail-over): reconnect and
 # store again, backing off up to 2 s a try, for about a minute, before giving up on the

@@ -45,6 +45,7 @@ from jobs.services.maintenance import (
     jobs_expire,
     jobs_mark_lost,
     jobs_relay,
+    jobs_resend_vanished,
 )
 from jobs.services.messages import (
     broker_breaker,
@@ -116,6 +117,7 @@ __all__ = [
     "jobs_mark_lost",
     "jobs_publish_many",
     "jobs_relay",
+    "jobs_resend_vanished",
     "jobtypes_sync",
     "message_kwargs",
     "message_options",

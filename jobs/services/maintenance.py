@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from typing import cast
 
@@ -10,6 +11,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
+from kombu.utils.encoding import bytes_to_str
 
 from jobs import heartbeat, markers
 from jobs.models import (
@@ -22,6 +24,7 @@ from jobs.models import (
     JobType,
 )
 from jobs.redis import client
+from jobs.selectors.broker import redis_run_ids_on_broker
 from jobs.services.audit import audit_record
 from jobs.services.runs import job_publish
 
@@ -71,7 +74,7 @@ def jobs_mark_lost(*, lost_after: int | None = None) -> int:
     """
 
     lost_after = lost_after or settings.JOBSITE_LOST_AFTER
-    return jobs_reclaim_orphans() + _mark_silent_workers_lost(lost_after)
+    return jobs_reclaim_orphans() + _mark_silent_workers_lost(lost_after) + jobs_resend_vanished()
 
 
 def _mark_silent_workers_lost(lost_after: int) -> int:
@@ -154,6 +157,73 @@ def jobs_reclaim_orphans(*, limit: int = ORPHAN_SCAN_LIMIT) -> int:
                      target_id=",".join(sorted({h[1] for _, h in orphans.values()})),
                      details={"runs": handled})  # fmt: skip
     return handled
+
+
+VANISHED = "jobsite:vanished"  # hash: run id -> when it was first seen gone (epoch s)
+VANISHED_CONFIRM = 2.0  # seconds between the two looks that must both miss a run
+VANISHED_SCAN_LIMIT = 5_000  # candidate runs looked at per pass
+
+
+def jobs_resend_vanished(*, after: int | None = None, limit: int = VANISHED_SCAN_LIMIT) -> int:
+    """Publish again the runs a Redis broker lost before any worker received them.
+
+    kombu's Redis transport pops a message (BRPOP) and only then stores it as
+    unacknowledged (kombu#305): a consumer killed in between, or a reply lost when the
+    server restarts, loses the message, and its run would stay *pending* for ever. A
+    run sent over ``after`` seconds ago (JOBSITE_REDIS_RESEND_AFTER) that no worker has
+    received, and whose message is in none of its queue's lists nor in kombu's
+    unacknowledged hash in two looks at least VANISHED_CONFIRM seconds apart, is
+    published again (at least once). Only runs routed straight to a queue: a fanout
+    run's message never waits in a list. Returns how many it sent again.
+    """
+    after = settings.JOBSITE_REDIS_RESEND_AFTER if after is None else after
+    cutoff = timezone.now() - timedelta(seconds=after)
+    rows = (
+        Job.objects.filter(state=JobState.PENDING, sent_at__lt=cutoff, received_at__isnull=True)
+        .exclude(queue="")
+        .exclude(source=JobSource.WORKFLOW)
+        .order_by()
+        .values_list("pk", "queue", "options")[:limit]
+    )
+    # Options hold every routing key, most of them empty: a run routed by exchange is
+    # one whose route or exchange is set.
+    candidates = {
+        pk: queue for pk, queue, options in rows
+        if not (options or {}).get("route") and not (options or {}).get("exchange")
+    }  # fmt: skip
+    redis = client()
+    if not candidates:
+        redis.delete(VANISHED)
+        return 0
+    present = redis_run_ids_on_broker(set(candidates.values()))
+    if present is None:  # not Redis, unreadable, or too long a backlog to tell
+        return 0
+    now = time.time()
+    first_gone = {bytes_to_str(k): float(v) for k, v in redis.hgetall(VANISHED).items()}
+    gone = [pk for pk in candidates if pk not in present]
+    confirmed = [pk for pk in gone if now - first_gone.get(pk, now) >= VANISHED_CONFIRM]
+    with redis.pipeline() as pipe:
+        pipe.delete(VANISHED)
+        fresh = {pk: first_gone.get(pk, now) for pk in gone if pk not in confirmed}
+        if fresh:
+            pipe.hset(VANISHED, mapping=fresh)
+            pipe.expire(VANISHED, 24 * 3600)
+        pipe.execute()
+    resent = 0
+    # Looked at again after the broker: a worker may have received it meanwhile.
+    still_pending = Job.objects.filter(
+        pk__in=confirmed, state=JobState.PENDING, received_at__isnull=True
+    ).exclude(params__has_key="_args")
+    for job in still_pending:
+        if not job_publish(job=job, force=True, mark_sent=False):
+            break
+        Job.objects.filter(pk=job.pk).update(sent_at=timezone.now())
+        message = "The broker lost this run's message before any worker received it; sent it again."
+        JobLog.objects.create(job_id=job.pk, created_at=timezone.now(), level="WARNING",
+                              logger="jobsite.relay", message=message)  # fmt: skip
+        logger.warning("Run %s: %s", job.pk, message)
+        resent += 1
+    return resent
 
 
 def jobs_expire(*, grace: int = 60) -> int:

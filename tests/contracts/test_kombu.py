@@ -3,6 +3,7 @@ after a reconnect), virtual channels, topic matching, queue depths, transport op
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,7 @@ from kombu.transport.virtual.base import queue_declare_ok_t
 from kombu.transport.virtual.exchange import TopicExchange
 
 from jobs.routing import topic_matches
+from jobs.selectors.broker import _run_id
 from jobs.worker import commit
 
 from .conftest import parameters
@@ -247,3 +249,40 @@ def test_every_redis_transport_option_jobsite_sets_is_one_kombu_reads():
     known = set(kombu_redis.Channel.from_transport_options)
 
     assert set(settings.CELERY_BROKER_TRANSPORT_OPTIONS) <= known
+
+
+# --- Entry 68: reading a Redis broker's messages (jobs.selectors.broker) -------------------
+
+
+def test_the_prefixing_client_leaves_lrange_and_hscan_unprefixed():
+    client = kombu_redis.PrefixedStrictRedis(global_keyprefix="app:")
+
+    assert client._prefix_args(["LRANGE", "default", 0, 10]) == ["LRANGE", "default", 0, 10]
+    assert client._prefix_args(["HSCAN", "unacked", 0]) == ["HSCAN", "unacked", 0]
+    assert client._prefix_args(["LPUSH", "default", "m"]) == ["LPUSH", "app:default", "m"]
+
+
+def test_redis_channel_keys_for_a_queue_its_priorities_and_the_unacked_hash():
+    channel = kombu_redis.Channel
+    assert channel.unacked_key == "unacked"
+    assert channel.sep == "\x06\x16"
+    shaped = SimpleNamespace(sep=channel.sep, priority_steps=channel.priority_steps)
+    shaped.priority = lambda n: kombu_redis.Channel.priority(shaped, n)
+    names = {kombu_redis.Channel._q_for_pri(shaped, "default", p) for p in channel.priority_steps}
+    assert names == {"default", "default\x06\x163", "default\x06\x166", "default\x06\x169"}
+
+
+def test_a_redis_message_carries_its_task_id_in_headers_and_properties():
+    message = kombu_redis.Channel.prepare_message(
+        SimpleNamespace(default_priority=0), "body", headers={"id": "run-1"},
+        properties={"correlation_id": "run-1"},
+    )  # fmt: skip
+    assert _run_id(json.dumps(message)) == "run-1"
+    assert _run_id(json.dumps({**message, "headers": {}})) == "run-1"  # protocol 1
+    assert _run_id(b"not json") == ""
+
+
+def test_the_restore_mutex_expiry_is_a_transport_option_jobsite_sets():
+    assert "unacked_mutex_expire" in kombu_redis.Channel.from_transport_options
+    assert kombu_redis.Channel.unacked_mutex_expire == 300  # why Jobsite lowers it
+    assert settings.CELERY_BROKER_TRANSPORT_OPTIONS["unacked_mutex_expire"] == 60
