@@ -403,6 +403,7 @@ class AuditAction(models.TextChoices):
     SCHEDULE_ENABLE = "schedule_enable", "Enable schedule"
     SCHEDULE_DISABLE = "schedule_disable", "Disable schedule"
     SCHEDULE_RUN_NOW = "schedule_run_now", "Run schedule now"
+    SCHEDULE_RESTORE = "schedule_restore", "Restore schedule version"
     TOKEN_CREATE = "token_create", "Create API token"
     TOKEN_REVOKE = "token_revoke", "Revoke API token"
     JOBTYPE_CHANGE = "jobtype_change", "Change job type"
@@ -453,6 +454,63 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.actor_name} {self.action} {self.target_type}:{self.target_id}"
+
+
+class ScheduleVersion(models.Model):
+    """One change to a schedule: who made it, when, and its fields before and after.
+
+    ``before`` and ``after`` are snapshots (jobs.services.schedules.schedule_snapshot):
+    plain JSON, the stored parameters unmasked (as PeriodicTask.kwargs holds them; pages
+    mask them). ``before`` is empty for a creation, ``after`` for a deletion. A version
+    outlives its schedule (``schedule`` becomes null, ``schedule_name`` stays).
+    """
+
+    schedule = models.ForeignKey(
+        "django_celery_beat.PeriodicTask",
+        verbose_name="schedule",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="versions",
+        db_index=False,  # schedule_version_newest leads with it
+    )
+    schedule_name = models.CharField("schedule name", max_length=200)
+    number = models.PositiveIntegerField("version", help_text="1, 2, ... per schedule.")
+    created_at = models.DateTimeField("time", default=timezone.now)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name="who",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    actor_name = models.CharField(
+        "who (name)", max_length=150, blank=True, help_text="Kept when the user is deleted."
+    )
+    action = models.CharField("action", max_length=32, choices=AuditAction.choices)
+    before = models.JSONField("before", default=dict, blank=True)
+    after = models.JSONField("after", default=dict, blank=True)
+    changed = models.JSONField("changed fields", default=list, blank=True)
+    restored_from = models.ForeignKey(
+        "self",
+        verbose_name="restored from",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "schedule version"
+        verbose_name_plural = "schedule versions"
+        indexes = [
+            models.Index(fields=["schedule", "-number"], name="schedule_version_newest"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.schedule_name} v{self.number}"
 
 
 class ApiToken(models.Model):

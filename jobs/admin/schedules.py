@@ -33,7 +33,7 @@ from django_celery_beat.models import (
 
 from jobs import services, specs
 from jobs.models import JobType
-from jobs.selectors import schedules
+from jobs.selectors import schedule_slots, schedules
 from jobs.services.messages import _check_size, reserved_headers
 
 PARAMS_PREFIX = "params"
@@ -123,7 +123,7 @@ class ScheduleForm(forms.ModelForm):
         spec = self.selected.spec
         stored = {}
         if self.instance.pk and self.instance.task == self.selected.task_name:
-            stored = _loads_object(self.instance.kwargs)
+            stored = schedules.loads_object(self.instance.kwargs)
         kept = {name: stored[name] for name in spec.secret_fields if stored.get(name)}
         if self.is_bound:
             data = self.data.copy()  # type: ignore[attr-defined]  # a QueryDict
@@ -196,17 +196,9 @@ class ScheduleForm(forms.ModelForm):
 
 
 def _masked_kwargs(obj: PeriodicTask) -> str:
-    params = _loads_object(obj.kwargs)
+    params = schedules.loads_object(obj.kwargs)
     spec = specs.by_task_name(obj.task)
     return json.dumps(spec.mask(params) if spec else params, indent=1)
-
-
-def _loads_object(raw: str | None) -> dict:
-    try:
-        value = json.loads(raw or "{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 admin.site.unregister(PeriodicTask)
@@ -373,6 +365,11 @@ class ScheduleAdmin(admin.ModelAdmin):
                 name=f"{name}_params",
             ),
             path(
+                "<path:object_id>/versions/<path:version_id>/restore/",
+                self.admin_site.admin_view(self.restore_view),
+                name=f"{name}_restore",
+            ),
+            path(
                 "<path:object_id>/run-now/",
                 self.admin_site.admin_view(self.run_now_view),
                 name=f"{name}_run_now",
@@ -383,6 +380,10 @@ class ScheduleAdmin(admin.ModelAdmin):
     @method_decorator(require_POST)
     def run_now_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         return _run_now_view(self, request, object_id)
+
+    @method_decorator(require_POST)
+    def restore_view(self, request: HttpRequest, object_id: str, version_id: str) -> HttpResponse:
+        return _restore_view(self, request, object_id, version_id)
 
     @method_decorator(require_GET)
     def params_view(self, request: HttpRequest) -> HttpResponse:
@@ -400,6 +401,7 @@ class ScheduleAdmin(admin.ModelAdmin):
         if obj is not None:
             context.update(_summary(obj))
             context["can_run"] = self.has_run_permission(request)
+            context["can_restore"] = self.has_change_permission(request, obj)
         return super().change_view(request, object_id, form_url, context)
 
     def render_change_form(self, request, context, *args, **kwargs):
@@ -433,7 +435,36 @@ def _summary(obj: PeriodicTask) -> dict:
         "history_url": reverse("jobs-history") + "?" + _query(schedule=obj.name),
         "run_now_url": reverse("admin:django_celery_beat_periodictask_run_now", args=[obj.pk]),
         "is_catalogued": specs.by_task_name(obj.task) is not None,
+        "versions": schedules.schedule_versions(obj),
+        **_slots_context(obj),
     }
+
+
+def _slots_context(obj: PeriodicTask) -> dict:
+    slots = schedule_slots.schedule_slots(obj)
+    return {"slots": slots, "slot_problems": schedule_slots.problem_count(slots)}
+
+
+def _restore_view(model_admin: ScheduleAdmin, request: HttpRequest, object_id: str, version_id):
+    """Restore one version (POST); the service checks the permissions and audits."""
+    schedule = get_object_or_404(PeriodicTask, pk=object_id if object_id.isdigit() else None)
+    if not model_admin.has_view_permission(request, schedule):
+        raise PermissionDenied("You may not see schedules.")
+    try:
+        services.schedule_restore(
+            schedule_id=schedule.pk,
+            version_id=int(version_id) if version_id.isdigit() else None,
+            user=request.user,
+        )
+    except services.ActionError as exc:
+        model_admin.message_user(request, str(exc), messages.ERROR)
+    else:
+        model_admin.message_user(
+            request, f"Restored “{schedule.name}” as a new version.", messages.SUCCESS
+        )
+    return HttpResponseRedirect(
+        reverse("admin:django_celery_beat_periodictask_change", args=[schedule.pk]) + "#versions"
+    )
 
 
 def _run_now_view(model_admin: ScheduleAdmin, request: HttpRequest, object_id: str):

@@ -13,6 +13,7 @@ admin shows is what beat will fire:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -27,10 +28,11 @@ from cron_descriptor import (
 )
 from django.conf import settings
 from django.utils import timezone
+from django_celery_beat import models as beat_models
 from django_celery_beat.models import CrontabSchedule, PeriodicTask, cronexp
 
-from jobs import heartbeat
-from jobs.models import Job
+from jobs import heartbeat, specs
+from jobs.models import Job, ScheduleVersion
 
 # A crontab that never matches (31 February) must not scan forever.
 MAX_DAYS_SCANNED = 5 * 366
@@ -289,3 +291,160 @@ def beat_status(*, now: datetime | None = None) -> BeatStatus:
         return BeatStatus(None, None, False)
     age = max(0, int(((now or timezone.now()) - last_seen).total_seconds()))
     return BeatStatus(last_seen, age, age <= settings.JOBSITE_BEAT_LOCK_TTL)
+
+
+# --- Versions -------------------------------------------------------------------------
+
+# A snapshot is every field a person sets on a schedule, as plain JSON: the time
+# fields as ids, the parameters and headers as JSON objects. Beat's own bookkeeping
+# (last_run_at, total_run_count, date_changed) is not a change and is left out.
+
+SNAPSHOT_FIELDS = (
+    "name", "task", "kwargs", "enabled", "description", "interval", "crontab", "solar",
+    "clocked", "start_time", "one_off", "expires", "expire_seconds", "queue", "exchange",
+    "routing_key", "priority", "headers",
+)  # fmt: skip
+SCHEDULE_KINDS = ("interval", "crontab", "solar", "clocked")
+JSON_FIELDS = ("kwargs", "headers")
+TIME_FIELDS = ("start_time", "expires")
+
+
+def schedule_snapshot(schedule) -> dict:
+    """The fields of a schedule a version keeps (empty for None)."""
+    if schedule is None:
+        return {}
+    snapshot: dict = {}
+    for name in SNAPSHOT_FIELDS:
+        if name in SCHEDULE_KINDS:
+            snapshot[name] = getattr(schedule, f"{name}_id")
+        elif name in JSON_FIELDS:
+            snapshot[name] = loads_object(getattr(schedule, name))
+        elif name in TIME_FIELDS:
+            value = getattr(schedule, name)
+            snapshot[name] = value.isoformat() if value else None
+        else:
+            snapshot[name] = getattr(schedule, name)
+    return specs.to_json(snapshot)
+
+
+def loads_object(raw: str | None) -> dict:
+    try:
+        value = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+VERSION_LIMIT = 50
+_FIELD_LABELS = {
+    "name": "name", "task": "job type", "enabled": "enabled", "description": "description",
+    "interval": "interval", "crontab": "crontab", "solar": "solar", "clocked": "clocked",
+    "start_time": "start time", "one_off": "one-off", "expires": "expires",
+    "expire_seconds": "expiry seconds", "queue": "queue", "exchange": "exchange",
+    "routing_key": "routing key", "priority": "priority", "headers": "message headers",
+}  # fmt: skip
+_KIND_MODELS = {
+    "interval": beat_models.IntervalSchedule,
+    "crontab": beat_models.CrontabSchedule,
+    "solar": beat_models.SolarSchedule,
+    "clocked": beat_models.ClockedSchedule,
+}
+
+
+@dataclass(frozen=True)
+class DiffRow:
+    field: str
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
+class VersionView:
+    version: ScheduleVersion
+    rows: list[DiffRow]
+    is_current: bool  # the schedule is as this version left it: nothing to restore
+
+
+def schedule_versions(task: PeriodicTask, *, limit: int = VERSION_LIMIT) -> list[VersionView]:
+    """The schedule's versions, newest first, each with its diff (secret parameters masked)."""
+    versions = list(
+        ScheduleVersion.objects.filter(schedule=task)
+        .select_related("restored_from")
+        .order_by("-number")[:limit]
+    )
+    current = schedule_snapshot(task)
+    names: dict[tuple[str, int], str] = {}
+    return [
+        VersionView(
+            v, version_diff(v, names=names), is_current=bool(v.after) and v.after == current
+        )
+        for v in versions
+    ]
+
+
+def version_diff(version: ScheduleVersion, *, names: dict | None = None) -> list[DiffRow]:
+    """What a version changed, one row per field (per parameter for the parameters)."""
+    names = {} if names is None else names
+    before, after = version.before or {}, version.after or {}
+    spec = specs.by_task_name(after.get("task") or before.get("task") or "")
+    rows: list[DiffRow] = []
+    for key in version.changed or []:
+        if not before and after.get(key) in (None, "", {}):
+            continue  # a creation lists what was set, not every empty field
+        if key == "kwargs":
+            rows.extend(
+                _params_rows(before.get("kwargs"), after.get("kwargs"), spec, before, after)
+            )
+            continue
+        rows.append(
+            DiffRow(
+                _FIELD_LABELS.get(key, key),
+                _value_text(key, before, names),
+                _value_text(key, after, names),
+            )
+        )
+    return rows
+
+
+def _params_rows(old, new, spec, before: dict, after: dict) -> list[DiffRow]:
+    old = old if isinstance(old, dict) else {}
+    new = new if isinstance(new, dict) else {}
+    secret = set(spec.secret_fields) if spec else set()
+    rows = []
+    for name in sorted({*old, *new}):
+        if old.get(name) == new.get(name) and (name in old) == (name in new):
+            continue
+
+        def text(params: dict, side: dict, name=name) -> str:
+            if not side:
+                return ""
+            if name not in params:
+                return "—"
+            if name in secret and params[name] not in ("", None):
+                return specs.MASK  # the row itself says that it changed
+            return json.dumps(params[name])
+
+        rows.append(DiffRow(f"parameter {name}", text(old, before), text(new, after)))
+    return rows
+
+
+def _value_text(key: str, snapshot: dict, names: dict) -> str:
+    if not snapshot:
+        return ""
+    value = snapshot.get(key)
+    if value is None:
+        return "—"
+    if key in _KIND_MODELS:
+        cache_key = (key, value)
+        if cache_key not in names:
+            obj = _KIND_MODELS[key].objects.filter(pk=value).first()
+            names[cache_key] = str(obj) if obj else f"#{value} (deleted)"
+        return names[cache_key]
+    if key == "task":
+        spec = specs.by_task_name(value)
+        return spec.title if spec else value
+    if key == "headers":
+        return json.dumps(value, sort_keys=True) if value else "{}"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)

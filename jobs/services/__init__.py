@@ -67,6 +67,7 @@ from jobs.services.runs import (
 )
 from jobs.services.schedules import (
     schedule_delete,
+    schedule_restore,
     schedule_run_now,
     schedule_save,
     schedule_set_enabled,
@@ -126,6 +127,7 @@ __all__ = [
     "queues_paused",
     "redis_queues_migrate",
     "schedule_delete",
+    "schedule_restore",
     "schedule_run_now",
     "schedule_save",
     "schedule_set_enabled",

@@ -42,6 +42,7 @@ from redis.exceptions import LockError
 from jobs import redis
 from jobs.heartbeat import beat_last_seen
 from jobs.models import Alert, AlertRule, Job, JobState, WebhookRefused, webhook_target
+from jobs.selectors.schedule_slots import Slot, schedule_slots
 from jobs.selectors.workers import workers_online
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,39 @@ def _check_schedules(rules: list[AlertRule], now: datetime, result: CheckResult)
         for rule in watching:
             if rule.job_type is None or rule.job_type.task_name == task.task:
                 _raise(rule, "schedule_missed", subject, payload, result, now=now)
+    for task in PeriodicTask.objects.filter(enabled=True).exclude(crontab=None, clocked=None):
+        late = _lateness(task, now)
+        # While the schedule is late the alert above covers its missed slots.
+        still_late = late is not None and late > grace
+        for slot in _problem_slots(task, now, grace):
+            if slot.status == "missed" and still_late:
+                continue
+            if not _incident_begins(f"slot:{task.pk}:{int(slot.at.timestamp())}", True):
+                continue  # raised once per slot
+            what = "missed its run" if slot.status == "missed" else "ran twice"
+            subject = f"[Jobsite] Schedule “{task.name}” {what} at {slot.at:%Y-%m-%d %H:%M %Z}"
+            payload = {
+                "schedule": {
+                    "id": task.pk,
+                    "name": task.name,
+                    "task": task.task,
+                    "slot": slot.at.isoformat(),
+                    "status": slot.status,
+                    "runs": [job.pk for job in slot.runs],
+                }
+            }
+            for rule in watching:
+                if rule.job_type is None or rule.job_type.task_name == task.task:
+                    _raise(rule, "schedule_missed", subject, payload, result, now=now)
+
+
+SLOT_ALERT_HOURS = 2
+
+
+def _problem_slots(task, now: datetime, grace: timedelta) -> list[Slot]:
+    """The missed or doubled slots of the last SLOT_ALERT_HOURS, older than ``grace``."""
+    slots = schedule_slots(task, hours=SLOT_ALERT_HOURS, now=now) or []
+    return [s for s in slots if s.status in ("missed", "doubled") and now - s.at > grace]
 
 
 def _lateness(task, now: datetime) -> timedelta | None:

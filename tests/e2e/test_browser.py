@@ -10,10 +10,12 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import User
-from django_celery_beat.models import CrontabSchedule
+from django.utils import timezone
+from django_celery_beat.models import CrontabSchedule, IntervalSchedule
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from jobs import services
@@ -206,6 +208,55 @@ def test_a_schedule_made_in_the_admin_shows_its_next_runs_and_runs_now(
     row = page.locator("#history-rows tr", has=page.locator(f"a[href='/runs/{job_id}/']"))
     expect(row).to_contain_text("Count primes")
     expect(row).to_contain_text("Succeeded")
+
+
+def test_a_schedules_history_shows_each_change_and_restores_a_version(page, admin_user, job_types):
+    hourly = IntervalSchedule.objects.create(every=1, period="hours")
+    login(page, "root", "root-pass")
+    page.goto("/admin/django_celery_beat/periodictask/add/")
+    page.fill("#id_name", "Hourly prime count")
+    page.select_option("#id_job_type", label="Count primes")
+    page.fill("#id_params-limit", "100000")
+    page.select_option("#id_interval", str(hourly.pk))
+    page.click("input[name=_continue]")
+    expect(page.locator(".messagelist .success")).to_contain_text("was added successfully")
+    page.fill("#id_params-limit", "250")
+    page.fill("#id_priority", "9")
+    page.click("input[name=_continue]")
+
+    second = page.locator("#version-2")
+    expect(second).to_contain_text("parameter limit")
+    expect(second.locator(".diff-before")).to_contain_text(["100000", "5"])
+    expect(second.locator(".diff-after")).to_contain_text(["250", "9"])
+    page.locator("#version-1 button", has_text="Restore this version").click()
+
+    expect(page.locator(".messagelist .success")).to_contain_text("as a new version")
+    expect(page.locator("#version-3")).to_contain_text("Restore schedule version (v1)")
+    expect(page.locator("#id_params-limit")).to_have_value("100000")
+    page.locator("#versions").scroll_into_view_if_needed()
+    screenshot(page, "schedule-versions")
+
+
+def test_a_schedules_timeline_shows_late_and_missed_slots(page, admin_user, job_types):
+    from tests.selectors.test_schedule_slots import cron, sent
+
+    task = cron("0", "*", "Europe/Berlin")
+    last = timezone.now().replace(minute=0, second=0, microsecond=0)
+    for hours_ago in range(23, -1, -1):
+        if hours_ago in (3, 9):
+            continue  # missed
+        late = timedelta(minutes=12) if hours_ago in (5, 14) else timedelta(seconds=2)
+        sent(task, last - timedelta(hours=hours_ago) + late)
+    sent(task, last - timedelta(hours=7) + timedelta(seconds=4))  # doubled
+    login(page, "root", "root-pass")
+    page.goto(f"/admin/django_celery_beat/periodictask/{task.pk}/change/")
+
+    timeline = page.locator("#timeline")
+    expect(timeline.locator(".slot-missed")).to_have_count(2)
+    expect(timeline.locator(".slot-late").first).to_contain_text("late 12 min")
+    expect(timeline.locator("h2")).to_contain_text("5 problems")
+    timeline.scroll_into_view_if_needed()
+    screenshot(page, "schedule-timeline")
 
 
 def test_a_viewer_sees_no_actions_and_is_refused_when_posting_one(page, viewer, alice, granted):

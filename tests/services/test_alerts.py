@@ -16,7 +16,7 @@ from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from jobs import heartbeat, redis
-from jobs.models import Alert, AlertRule, Job
+from jobs.models import Alert, AlertRule, Job, JobSource
 from jobs.services import alerts
 from jobs.services.alerts import alerts_check
 from tests.conftest import wait_for
@@ -331,3 +331,42 @@ def test_the_check_is_a_maintenance_task_that_beat_installs(db, settings):
     assert stored.task == task.name == "jobsite.alerts_check" and task.ignore_result
     assert stored.enabled and stored.queue == "default" and stored.expire_seconds == 60
     assert stored.interval.every == 60 and stored.interval.period == IntervalSchedule.SECONDS
+
+
+def _beat_run(task, at):
+    job = Job.objects.create(
+        id=f"beat-{at.timestamp()}-{task.pk}", task_name=task.task, schedule=task,
+        schedule_name=task.name, source=JobSource.BEAT,
+    )  # fmt: skip
+    Job.objects.filter(pk=job.pk).update(created_at=at)
+
+
+def test_a_doubled_slot_and_a_missed_one_raise_the_missed_schedule_alert_once_each(
+    job_types, mailoutbox
+):
+    from django_celery_beat.models import CrontabSchedule
+
+    now = timezone.now()
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    every_10 = CrontabSchedule.objects.create(minute="*/10", hour="*", timezone="UTC")
+    task = PeriodicTask.objects.create(
+        name="Every ten", task=job_types["count_primes"].task_name, crontab=every_10,
+        last_run_at=now,  # beat thinks it is on time: only the slots tell
+    )  # fmt: skip
+    missed, doubled = hour - timedelta(minutes=30), hour - timedelta(minutes=50)
+    at = hour - timedelta(hours=3)
+    while at <= now:
+        if at != missed:
+            _beat_run(task, at + timedelta(seconds=1))
+        at += timedelta(minutes=10)
+    _beat_run(task, doubled + timedelta(seconds=3))  # a second run for the same slot
+    rule_for(None, name="Schedules", on_failure=False, on_schedule_missed=True, min_interval=0)
+
+    alerts_check()
+    alerts_check()  # the same slots again: no new alert
+
+    subjects = sorted(m.subject for m in mailoutbox)
+    assert len(subjects) == 2, subjects
+    assert any("missed its run at" in s and f"{missed:%H:%M}" in s for s in subjects)
+    assert any("ran twice at" in s and f"{doubled:%H:%M}" in s for s in subjects)
+    assert {a.kind for a in Alert.objects.all()} == {"schedule_missed"}
