@@ -15,6 +15,14 @@
 Every point-to-point queue is declared with ``x-max-priority`` so priorities work on
 RabbitMQ; on Redis kombu emulates them with one list per priority step.
 A worker started without ``-Q`` consumes all of these.
+
+With ``JOBSITE_QUEUE_TYPE=quorum`` (RabbitMQ only) the same queues are declared as
+quorum queues (replicated over a cluster's nodes; see ``queue_arguments``): no
+``x-max-priority`` (RabbitMQ 3.x quorum queues have no priorities), a delivery limit
+after which a message is dead-lettered to ``jobs.dead_letter``, and the ``default``
+exchange is a topic exchange, because Celery's native delayed delivery (countdown,
+ETA, which quorum queues need) skips direct exchanges. A topic binding without
+wildcards routes exactly as a direct one.
 """
 
 from __future__ import annotations
@@ -28,6 +36,12 @@ from kombu.transport.virtual.exchange import TopicExchange
 
 MAX_PRIORITY = 10
 PRIORITY_ARGS = {"x-max-priority": MAX_PRIORITY}
+QUEUE_TYPES = ("classic", "quorum")
+# A quorum queue dead-letters a message delivered (and returned) more than this many
+# times, instead of redelivering it for ever: a run that kills its worker every time.
+DEFAULT_DELIVERY_LIMIT = 5
+DEAD_LETTER_EXCHANGE = "jobs.dead_letter"
+DEAD_LETTER_QUEUE = "jobs.dead_letter"
 
 default_exchange = Exchange("default", type="direct")
 reports_topic = Exchange("reports.topic", type="topic")
@@ -35,32 +49,44 @@ headers_exchange = Exchange("jobs.headers", type="headers")
 BROADCAST_EXCHANGE = "broadcast_tasks"
 
 
-def _direct(name: str) -> Queue:
-    return Queue(name, default_exchange, routing_key=name, queue_arguments=PRIORITY_ARGS)
+def queue_arguments(queue_type: str = "classic", delivery_limit: int = DEFAULT_DELIVERY_LIMIT):
+    """``x-`` arguments of Jobsite's point-to-point queues for a queue type."""
+    if queue_type == "classic":
+        return dict(PRIORITY_ARGS)
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        # at-least-once: RabbitMQ keeps the message until the dead-letter queue has
+        # confirmed it (the default, at-most-once, may lose it); it needs reject-publish.
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
 
 
-def _topic(name: str, pattern: str) -> Queue:
-    return Queue(name, reports_topic, routing_key=pattern, queue_arguments=PRIORITY_ARGS)
+def _declared_queues(queue_type: str, delivery_limit: int) -> tuple[Queue, ...]:
+    args = queue_arguments(queue_type, delivery_limit)
+    # Native delayed delivery binds a queue through its exchange, and not a direct one.
+    direct = Exchange("default", type="topic") if queue_type == "quorum" else default_exchange
 
+    def headers(name: str, match: str, **binding) -> Queue:
+        bind = {"x-match": match, **binding}
+        return Queue(name, headers_exchange, binding_arguments=bind, queue_arguments=args)
 
-def _headers(name: str, match: str, **binding) -> Queue:
-    return Queue(
-        name,
-        headers_exchange,
-        binding_arguments={"x-match": match, **binding},
-        queue_arguments=PRIORITY_ARGS,
+    return (
+        *(Queue(name, direct, routing_key=name, queue_arguments=args) for name in _DIRECT),
+        *(Queue(n, reports_topic, routing_key=p, queue_arguments=args) for n, p in _TOPIC),
+        # Both capabilities required: a GPU and data kept in the EU.
+        headers("gpu_emea", "all", gpu="yes", region="emea"),
+        # Either is enough: a GPU, or the express lane.
+        headers("accelerated", "any", gpu="yes", lane="express"),
     )
 
 
-DIRECT_QUEUES = (_direct("default"), _direct("reports"), _direct("cpu"))
-TOPIC_QUEUES = (_topic("reports_emea", "reports.*.emea"), _topic("reports_all", "reports.#"))
-HEADERS_QUEUES = (
-    # Both capabilities required: a GPU and data kept in the EU.
-    _headers("gpu_emea", "all", gpu="yes", region="emea"),
-    # Either is enough: a GPU, or the express lane.
-    _headers("accelerated", "any", gpu="yes", lane="express"),
-)
-QUEUES = (*DIRECT_QUEUES, *TOPIC_QUEUES, *HEADERS_QUEUES)
+_DIRECT = ("default", "reports", "cpu")
+_TOPIC = (("reports_emea", "reports.*.emea"), ("reports_all", "reports.#"))
+QUEUES = _declared_queues("classic", DEFAULT_DELIVERY_LIMIT)
+DIRECT_QUEUES, TOPIC_QUEUES, HEADERS_QUEUES = QUEUES[:3], QUEUES[3:5], QUEUES[5:]
 # The queues people choose from (forms, queue pages, metrics): the direct ones.
 QUEUE_NAMES = tuple(q.name for q in DIRECT_QUEUES)
 # Every point-to-point queue (the broadcast queues are per worker and auto-deleted).
@@ -71,14 +97,24 @@ def is_rabbitmq(broker_url: str) -> bool:
     return (broker_url or "").startswith(("amqp", "pyamqp"))
 
 
-def queues_for(broker_url: str) -> tuple[Queue, ...]:
+def queues_for(
+    broker_url: str,
+    queue_type: str = "classic",
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+) -> tuple[Queue, ...]:
     """What workers on this broker consume by default (``task_queues``)."""
     # An explicit key: Celery would give an empty one its default ("default"), and
     # kombu's Redis fanout delivers only to subscribers bound with the published key.
     broadcast = Broadcast(BROADCAST_EXCHANGE, routing_key=BROADCAST_EXCHANGE)
     if is_rabbitmq(broker_url):
-        return (*QUEUES, broadcast)
+        return (*_declared_queues(queue_type, delivery_limit), broadcast)
     return (*DIRECT_QUEUES, *TOPIC_QUEUES, broadcast)
+
+
+def dead_letter_queue() -> Queue:
+    """Where quorum queues put messages over their delivery limit (nobody consumes it)."""
+    exchange = Exchange(DEAD_LETTER_EXCHANGE, type="fanout")
+    return Queue(DEAD_LETTER_QUEUE, exchange, queue_arguments={"x-queue-type": "quorum"})
 
 
 def wire_priority(priority: int | None, broker_url: str) -> int | None:
@@ -199,14 +235,49 @@ def route_options(route_name: str, params: dict, broker_url: str) -> dict:
     }
 
 
-def publish_kwargs(options: dict) -> dict:
-    """``send_task`` arguments for a run routed through a non-direct exchange."""
+def uses_quorum(queues) -> bool:
+    """Whether these are quorum queues (as Celery detects them for delayed delivery)."""
+    return any((q.queue_arguments or {}).get("x-queue-type") == "quorum" for q in queues)
+
+
+def native_delay(seconds: float) -> float:
+    """A delay Celery's native delayed delivery can publish: none, or 1 s at least.
+
+    Celery 5.7.0 routes a delay through the ``celery_delayed_*`` queues by its whole
+    seconds (``int(countdown)``) and kombu refuses 0 ("countdown must be a positive
+    number"): a retry's 0.4 s backoff would fail the publish, and with it the run.
+    """
+    return max(seconds, 1.0) if seconds > 0 else seconds
+
+
+def check_delayable(options: dict) -> None:
+    """Refuse a countdown/ETA that native delayed delivery cannot route back (quorum).
+
+    RabbitMQ's delay queues hand a message back through a topic binding on its routing
+    key: a headers exchange has no key to bind on (jobs.worker.quorum), and the
+    workers' broadcast queues are never bound, so the run would be lost.
+    """
+    if options["exchange_type"] in ("headers", "fanout"):
+        raise ValidationError(
+            f"A {options['exchange_type']}-routed run cannot start later on quorum queues: "
+            "RabbitMQ's delayed delivery routes by key. Submit it without a countdown or ETA."
+        )
+
+
+def publish_kwargs(options: dict, queues: tuple[Queue, ...] = QUEUES) -> dict:
+    """``send_task`` arguments for a run routed through a non-direct exchange.
+
+    ``queues``: the app's ``task_queues``, so that a bound queue is declared with the
+    arguments (queue type) workers declare it with.
+    """
     route = ROUTES[options["route"]]
     declare: list[Exchange | Queue] = [route.exchange]
-    if route.type == "topic":
-        declare += [q for q in TOPIC_QUEUES if q.name in options["queues"]]
-    elif route.type == "headers":
-        declare += [q for q in HEADERS_QUEUES if q.name in options["queues"]]
+    if route.type in ("topic", "headers"):
+        declare += [
+            q
+            for q in queues
+            if q.name in options["queues"] and q.exchange.name == route.exchange.name
+        ]
     return {
         "queue": None,
         "exchange": route.exchange.name,

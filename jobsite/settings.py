@@ -18,6 +18,7 @@ from jobs import routing
 from jobsite.env import (
     env_bool,
     env_broker,
+    env_choice,
     env_database,
     env_int,
     env_list,
@@ -218,12 +219,20 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_RESULT_ACCEPT_CONTENT = ["json"]
 # Headers-exchange queues only on RabbitMQ (kombu's Redis transport has none).
-CELERY_TASK_QUEUES = routing.queues_for(CELERY_BROKER_URL)
+# RabbitMQ queue type: classic (one node), or quorum (replicated over a cluster; see
+# jobs/routing.py and the quorum section below).
+JOBSITE_QUEUE_TYPE = env_choice("JOBSITE_QUEUE_TYPE", "classic", routing.QUEUE_TYPES)
+JOBSITE_DELIVERY_LIMIT = env_int(
+    "JOBSITE_DELIVERY_LIMIT", routing.DEFAULT_DELIVERY_LIMIT, minimum=1
+)
+CELERY_TASK_QUEUES = routing.queues_for(
+    CELERY_BROKER_URL, JOBSITE_QUEUE_TYPE, JOBSITE_DELIVERY_LIMIT
+)
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_DEFAULT_EXCHANGE = "default"
 CELERY_TASK_DEFAULT_ROUTING_KEY = "default"
 CELERY_TASK_DEFAULT_PRIORITY = 5
-CELERY_TASK_QUEUE_MAX_PRIORITY = 10
+CELERY_TASK_QUEUE_MAX_PRIORITY: int | None = 10
 # acks_late runs (job types with the duplicate guard, or declared so) count against a
 # worker's prefetch window while they execute: with 1, a pool process that finishes
 # sits idle while the worker asks the broker for its next message (short jobs drain
@@ -233,6 +242,42 @@ CELERY_TASK_QUEUE_MAX_PRIORITY = 10
 # default, 4, would hold three times that). Set 1 for workers that run only long jobs.
 CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("CELERY_WORKER_PREFETCH_MULTIPLIER", 2, minimum=0)
 CELERY_WORKER_SEND_TASK_EVENTS = False
+# Rolling restarts (docs/fleet.md): SIGTERM is Celery's warm shutdown (no new messages,
+# the runs in hand finish). Celery 5.5+'s soft shutdown gives those runs this many more
+# seconds once a cold shutdown is asked (SIGQUIT, a second SIGTERM) before they are cut
+# off; unfinished acks_late runs then go back to the queue. 0 (Celery's default): off.
+CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = float(env_int("JOBSITE_SOFT_SHUTDOWN_TIMEOUT", 0))
+
+
+# --- Quorum queues (JOBSITE_QUEUE_TYPE=quorum, RabbitMQ 3.10+) -------------------
+# https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/rabbitmq.html#using-quorum-queues
+# https://www.rabbitmq.com/docs/quorum-queues
+# A vhost's queues keep the type they were declared with: switching an existing vhost
+# means a new vhost (or deleting Jobsite's queues and the "default" exchange, which
+# becomes a topic exchange). Priorities are lost: quorum queues in RabbitMQ 3.x
+# deliver in publish order whatever a message's priority.
+if JOBSITE_QUEUE_TYPE == "quorum":
+    if not routing.is_rabbitmq(CELERY_BROKER_URL):
+        raise ImproperlyConfigured(
+            "JOBSITE_QUEUE_TYPE=quorum needs a RabbitMQ broker (CELERY_BROKER_URL=amqp://...)."
+        )
+    # A submit returns only once the broker has the message (on a cluster: once a
+    # majority of the queue's members have it), or raises and leaves the run unsent.
+    CELERY_BROKER_TRANSPORT_OPTIONS["confirm_publish"] = True
+    # Countdown and ETA through RabbitMQ's delay queues rather than held by a worker:
+    # quorum queues have no global QoS, so a worker cannot widen its prefetch window
+    # for the runs it holds (Celery declares the celery_delayed_* queues on start).
+    CELERY_BROKER_NATIVE_DELAYED_DELIVERY_QUEUE_TYPE = "quorum"
+    # Per-consumer QoS: a quorum queue refuses global basic.qos (Celery's default).
+    CELERY_WORKER_DETECT_QUORUM_QUEUES = True
+    # A queue Celery creates itself (task_create_missing_queues: a queue named in a
+    # schedule or a submit that Jobsite does not declare) is a quorum queue too, on a
+    # topic exchange of its own name; it has no delivery limit and no dead-lettering.
+    CELERY_TASK_CREATE_MISSING_QUEUE_TYPE = "quorum"
+    CELERY_TASK_CREATE_MISSING_QUEUE_EXCHANGE_TYPE = "topic"
+    CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "topic"  # "default", as jobs/routing.py declares it
+    # Celery adds x-max-priority to every queue with this set: a quorum queue refuses it.
+    CELERY_TASK_QUEUE_MAX_PRIORITY = None
 # The worker's main process stores the final states of successful runs in batches, and
 # acknowledges acks_late runs once theirs is stored (jobs.commit; PostgreSQL, prefork).
 # The demo job types, workflows and benchmark tasks (jobs/tasks/).

@@ -425,3 +425,31 @@ def test_each_run_shows_its_route_rate_limit_and_limits(
     page = alice_client.get(job.get_absolute_url()).content.decode()
     assert 'id="run-delivery"' in page
     assert "60/m" in page and "(AMQP default exchange)" in page
+
+
+def test_quorum_queues_carry_a_delivery_limit_and_a_dead_letter_exchange_not_priorities():
+    queues = [q for q in routing.queues_for("amqp://x//", "quorum", 3) if q.queue_arguments]
+
+    assert {q.name for q in queues} == set(routing.ALL_QUEUE_NAMES)
+    for queue in queues:
+        assert queue.queue_arguments["x-queue-type"] == "quorum"
+        assert queue.queue_arguments["x-delivery-limit"] == 3
+        assert queue.queue_arguments["x-dead-letter-exchange"] == routing.DEAD_LETTER_EXCHANGE
+        assert "x-max-priority" not in queue.queue_arguments
+    # Native delayed delivery binds through the queue's exchange, and skips direct ones.
+    assert {q.exchange.type for q in queues if q.name in routing.QUEUE_NAMES} == {"topic"}
+    assert routing.uses_quorum(queues) and not routing.uses_quorum(routing.QUEUES)
+
+
+@pytest.mark.parametrize("exchange_type", ["headers", "fanout"])
+def test_a_countdown_on_a_route_delayed_delivery_cannot_route_back_is_refused(exchange_type):
+    with pytest.raises(ValidationError, match="cannot start later on quorum queues"):
+        routing.check_delayable({"exchange_type": exchange_type})
+    routing.check_delayable({"exchange_type": "topic"})
+
+
+def test_a_sub_second_delay_is_raised_to_the_second_native_delayed_delivery_needs():
+    assert routing.native_delay(0.4) == 1.0
+    assert routing.native_delay(2.5) == 2.5
+    assert routing.native_delay(0) == 0
+    assert routing.native_delay(-3) == -3  # an ETA already past: published at once

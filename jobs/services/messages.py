@@ -176,6 +176,8 @@ def message_options(*, job_type: JobType, params: dict, options: dict) -> dict:
         return extra
     if spec.route:
         extra.update(routing.route_options(spec.route, params, conf.broker_url))
+        if options.get("eta") and routing.uses_quorum(conf.task_queues or ()):
+            routing.check_delayable(extra)
     else:
         # Celery publishes direct routes through the AMQP default exchange ("").
         extra.update(exchange="", exchange_type="direct", routing_key=options["queue"])
@@ -196,7 +198,8 @@ def message_kwargs(*, job: Job, headers: dict) -> dict:
         "headers": {**headers, **options.get("route_headers", {})},
     }
     if options.get("route"):
-        kwargs.update(routing.publish_kwargs(options))
+        queues = tuple(current_app.conf.task_queues or routing.QUEUES)
+        kwargs.update(routing.publish_kwargs(options, queues))
     else:
         kwargs["queue"] = job.queue or None
         # A schedule may name its exchange and routing key (django-celery-beat fields).

@@ -18,7 +18,7 @@ from django.db import close_old_connections
 
 from jobs.models import AuditAction, AuditOutcome
 from jobs.services import audit_record
-from jobs.worker import buffer, commit, compression
+from jobs.worker import buffer, commit, compression, quorum
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,13 @@ def record_rejected(message, reason: str) -> None:
 
 
 class JobsiteConsumer(Consumer):
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc, valid-type]  # not in the stubs
+        # Native delayed delivery without the headers queues (jobs.worker.quorum).
+        default_steps = [
+            quorum.JOBSITE_STEP if step == quorum.CELERY_STEP else step
+            for step in Consumer.Blueprint.default_steps
+        ]
+
     def create_task_handler(self, *args, **kwargs):
         handle = super().create_task_handler(*args, **kwargs)
         commit.install(self)

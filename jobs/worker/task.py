@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
-from jobs import heartbeat, specs
+from jobs import heartbeat, routing, specs
 from jobs.models import Job, JobLog, JobState
 from jobs.worker import guard
 from jobs.worker.logs import log_capture
@@ -173,6 +173,8 @@ class JobTask(Task):
             return True
 
     def retry(self, *args, **kwargs):
+        if kwargs.get("countdown") and routing.uses_quorum(self.app.amqp.queues.values()):
+            kwargs["countdown"] = routing.native_delay(kwargs["countdown"])
         # Give the marker back first: the retry message may be consumed at once.
         held = getattr(self.request, "jobsite_claim", None)
         if held:
