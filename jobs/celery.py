@@ -47,7 +47,7 @@ SIGNALS = {
     "worker_init": "on_worker_init",
     "worker_ready": "on_worker_ready",
     "worker_process_shutdown": "on_worker_shutdown",
-    "worker_shutdown": "on_worker_shutdown",
+    "worker_shutdown": "on_worker_stopped",
 }
 
 _installed: weakref.WeakSet[Celery] = weakref.WeakSet()

@@ -47,9 +47,19 @@ INCARNATION_TTL = 3 * WORKER_BEAT_SECONDS  # three missed heartbeats: the incarn
 MACHINE = socket.gethostname()
 
 
+# Every worker name with the time of its last heartbeat (a sorted set): who should answer
+# a remote-control call, so the pages wait for those replies and no longer (jobs.selectors
+# .workers). Names silent for a week are pruned by the heartbeats themselves.
+WORKERS_KEY = "jobsite:workers"
+NAME_KEPT_SECONDS = 7 * 24 * 3600
+
+
 def worker_seen_now(hostname: str, instance: str = "") -> None:
+    now = time.time()
     with redis.client().pipeline(transaction=False) as pipe:
-        pipe.set(WORKER_KEY.format(hostname), f"{time.time():.3f}", ex=7 * 24 * 3600)
+        pipe.set(WORKER_KEY.format(hostname), f"{now:.3f}", ex=NAME_KEPT_SECONDS)
+        pipe.zadd(WORKERS_KEY, {hostname: now})
+        pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - NAME_KEPT_SECONDS)
         if instance:
             pipe.set(INCARNATION_KEY.format(instance), MACHINE, ex=int(INCARNATION_TTL))
         pipe.execute()
@@ -99,6 +109,25 @@ def worker_last_seen(hostnames: list[str]) -> dict[str, datetime | None]:
         h: datetime.fromtimestamp(float(raw), tz=UTC) if raw else None
         for h, raw in zip(hostnames, raws, strict=True)
     }
+
+
+def workers_heard(within: float = INCARNATION_TTL) -> list[str]:
+    """Names of the workers whose heartbeat came in the last ``within`` seconds, sorted.
+
+    One that was SIGKILLed stays in the list until ``within`` has passed: callers wait
+    for these replies, not for every one of them to come.
+    """
+    try:
+        names = redis.client().zrangebyscore(WORKERS_KEY, time.time() - within, "+inf")
+    except Exception as exc:  # Redis down: nobody known, the caller asks without a limit
+        logger.warning("Could not read worker heartbeats: %s", exc)
+        return []
+    return sorted(name.decode() for name in cast(list[bytes], names))
+
+
+def worker_gone(hostname: str) -> None:
+    """A worker that stops cleanly leaves the heard names: no call waits for its reply."""
+    redis.client().zrem(WORKERS_KEY, hostname)
 
 
 def start_worker_heartbeat(hostname: str, instance: str = "") -> threading.Event:

@@ -31,6 +31,7 @@ from django.utils import timezone
 
 from jobs import services
 from jobs.models import FINISHED_STATES, Job, JobType
+from jobs.selectors import stats
 from jobsite.celery import app as celery_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,9 +192,11 @@ def alice_secret(alice) -> str:
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     """Each test starts from an empty cache (the dashboard's aggregates are cached for
-    a few seconds), so no test sees numbers a test before it cached."""
+    a few seconds), so no test sees numbers a test before it cached. A ping the test
+    started in the background ends before the cache is emptied."""
     cache.clear()
     yield
+    stats.workers_refresh_wait()
     cache.clear()
 
 

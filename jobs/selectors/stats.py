@@ -17,8 +17,10 @@ open dashboards cost one query per scope and period.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import cast
 
@@ -29,7 +31,7 @@ from django.db.models.aggregates import Aggregate
 from django.db.models.functions import Coalesce, Greatest, TruncHour, TruncMinute
 from django.utils import timezone
 
-from jobs.heartbeat import beat_last_seen
+from jobs.heartbeat import beat_last_seen, workers_heard
 from jobs.models import FINISHED_STATES, Job, JobState, JobType
 from jobs.selectors.broker import QueueDepth, broker_kind, queue_depths
 from jobs.selectors.workers import workers_online
@@ -270,7 +272,7 @@ def _failure_groups(user, now: datetime) -> list[FailureGroup]:
     ]
 
 
-# --- Workers, queues, beat (slow-ish: remote control and broker round trips) --------
+# --- Workers, queues, beat (remote control and broker round trips) -----------------
 
 
 @dataclass
@@ -293,20 +295,68 @@ class SystemStatus:
 
 
 def system_status() -> SystemStatus:
-    """Workers online, queue depths and beat's heartbeat; the same for every user."""
+    """Workers online, queue depths and beat's heartbeat; the same for every user.
+
+    Never waits on the workers: queue depths and beat are cheap reads (cached a few
+    seconds), the workers are the last ping's answer (see workers_answering).
+    """
     # None only for a None default; this one always gives a SystemStatus.
-    return cast(
+    status = cast(
         SystemStatus, cache.get_or_set("jobsite:stats:system", _system_status, CACHE_SECONDS)
     )
+    return replace(status, workers=workers_answering())
 
 
 def _system_status() -> SystemStatus:
     return SystemStatus(
-        broker=broker_kind(),
-        workers=workers_online(),
-        queues=queue_depths(),
-        beat_last_seen=beat_last_seen(),
+        broker=broker_kind(), workers=[], queues=queue_depths(), beat_last_seen=beat_last_seen()
     )
+
+
+WORKERS_KEY = "jobsite:stats:workers"  # (when asked, names that answered)
+WORKERS_FRESH = 5.0  # seconds: an older answer is shown while a new ping is on its way
+WORKERS_KEPT = 300  # seconds: after this without a request, the next one starts over
+REFRESH_LOCK = "jobsite:stats:workers:refreshing"
+REFRESH_LOCK_SECONDS = 10  # a ping takes its 1 s timeout at most; this covers a hung one
+_refresh: threading.Thread | None = None
+
+
+def workers_answering() -> list[str]:
+    """The workers that answered the last ping, asked again in the background when stale.
+
+    A ping waits for the replies heartbeats make it expect, which is its whole timeout
+    while a dead worker still counts as expected: no page or scrape waits for it. Before
+    the first answer, the workers whose heartbeat is recent stand in for it.
+    """
+    entry = cache.get(WORKERS_KEY)
+    if entry is None or time.time() - entry[0] > WORKERS_FRESH:
+        workers_refresh_in_background()
+    if entry is None:
+        return workers_heard()
+    return entry[1]
+
+
+def workers_refresh_in_background() -> threading.Thread | None:
+    """Start one ping in a thread of this process (none if one is running already)."""
+    global _refresh
+    if not cache.add(REFRESH_LOCK, True, timeout=REFRESH_LOCK_SECONDS):
+        return None
+    _refresh = threading.Thread(target=_workers_refresh, name="jobsite-ping", daemon=True)
+    _refresh.start()
+    return _refresh
+
+
+def workers_refresh_wait(timeout: float = 5.0) -> None:
+    """Wait for a background ping started by this process, if any (tests, benchmarks)."""
+    if _refresh is not None:
+        _refresh.join(timeout)
+
+
+def _workers_refresh() -> None:
+    try:
+        cache.set(WORKERS_KEY, (time.time(), workers_online()), WORKERS_KEPT)
+    finally:
+        cache.delete(REFRESH_LOCK)
 
 
 # --- /metrics ------------------------------------------------------------------------

@@ -1,17 +1,30 @@
-"""Workers through Celery's remote control (broadcast over the broker)."""
+"""Workers through Celery's remote control (broadcast over the broker).
+
+A broadcast that does not say how many replies to expect waits out its whole timeout.
+The workers that should answer are known from their heartbeats (jobs.heartbeat), so
+each call here passes that number as its reply limit and returns as soon as they have
+all answered; only a worker that died without a goodbye (SIGKILL, a host cut off, until
+its heartbeat is INCARNATION_TTL old) makes a call wait its timeout out.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from celery import current_app
+from django.core.cache import cache
+
+from jobs import heartbeat
 
 logger = logging.getLogger(__name__)
 
 INSPECT_TIMEOUT = 1.0
+# The workers page polls every 5 s; every open page and poll within this share one read.
+INSPECT_CACHE_KEY = "jobsite:workers:inspect"
+INSPECT_CACHE_SECONDS = 4
 
 
 @dataclass
@@ -29,22 +42,42 @@ class WorkerInfo:
     queues: list[str] = field(default_factory=list)
 
 
+def expected_replies() -> int | None:
+    """How many workers should answer a broadcast; None (no limit) when none is known."""
+    return len(heartbeat.workers_heard()) or None
+
+
 def workers_online(timeout: float = INSPECT_TIMEOUT) -> list[str]:
     """Names of the workers that answer a ping (empty if the broker is down)."""
     try:
-        replies = current_app.control.ping(timeout=timeout) or []
+        replies = current_app.control.ping(timeout=timeout, limit=expected_replies()) or []
     except Exception as exc:
         logger.warning("Could not ping workers: %s", exc)
         return []
     return sorted(name for reply in replies for name in reply)
 
 
+def workers_inspect_cached() -> list[WorkerInfo]:
+    """workers_inspect(), shared for a few seconds by every page and poll that asks."""
+    # None only for a None default; workers_inspect always gives a list.
+    return cast(
+        list[WorkerInfo],
+        cache.get_or_set(INSPECT_CACHE_KEY, workers_inspect, INSPECT_CACHE_SECONDS),
+    )
+
+
+def workers_forget() -> None:
+    """After a control action: the next page shows what the workers say now."""
+    cache.delete(INSPECT_CACHE_KEY)
+
+
 def workers_inspect(timeout: float = INSPECT_TIMEOUT) -> list[WorkerInfo]:
     """Everything the workers report about themselves, one entry per online worker."""
     try:
-        # Who is online is only known after the timeout: Celery waits it out when it
-        # does not know how many replies to expect.
-        stats = current_app.control.inspect(timeout=timeout).stats() or {}
+        # Who is online: as many replies as heartbeats say there are workers, and no
+        # longer; a worker that does not beat (not Jobsite's) is seen when it is early.
+        stats = current_app.control.inspect(timeout=timeout, limit=expected_replies()).stats()
+        stats = stats or {}
         if not stats:
             return []
         # The rest is asked of exactly those workers: each call returns as soon as they

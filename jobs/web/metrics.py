@@ -15,6 +15,8 @@ holds every run, so a bounded, indexed read per scrape is both cheaper and exact
   not through ``rate()``;
 - queue depth and consumers per queue (no consumers sample where the broker keeps no
   count: Redis), workers online, beat last seen (unix time, 0 when beat was never seen).
+  No scrape waits on a remote-control ping: workers online is the last answer, refreshed
+  in the background (jobs.selectors.stats.workers_answering).
 
 Access: a bearer token (``JOBSITE_METRICS_TOKEN``), or a client address in
 ``JOBSITE_METRICS_ALLOW``, or a staff session. Anything else is a 401 (no credentials)
@@ -107,7 +109,9 @@ class JobsiteCollector:
         yield messages
         yield consumers
         yield GaugeMetricFamily(
-            "jobsite_workers_online", "Workers that answered a ping.", value=len(system.workers)
+            "jobsite_workers_online",
+            "Workers that answered the last ping (asked in the background, never waited for).",
+            value=len(system.workers),
         )
         yield GaugeMetricFamily(
             "jobsite_beat_last_seen_timestamp_seconds",

@@ -272,7 +272,7 @@ def _history_url(filters: QueryDict) -> str:
 @permission_required("jobs.manage_workers", raise_exception=True)
 @require_GET
 def workers(request: HtmxHttpRequest) -> HttpResponse:
-    context = {"workers": worker_info.workers_inspect(), "queues": routing.ALL_QUEUE_NAMES}
+    context = {"workers": worker_info.workers_inspect_cached(), "queues": routing.ALL_QUEUE_NAMES}
     template = "jobs/partials/workers_table.html" if request.htmx else "jobs/workers.html"
     return render(request, template, context)
 
@@ -291,6 +291,7 @@ def worker_action(request: HttpRequest) -> HttpResponse:
         )
     try:
         replies = services.worker_control(user=request.user, **form.cleaned_data)
+        worker_info.workers_forget()
     except services.ActionError as exc:
         messages.error(request, str(exc))
     else:

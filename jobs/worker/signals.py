@@ -2,13 +2,16 @@
 
 import logging
 import select
+import threading
 import time
 
+from celery import current_app
+from django.conf import settings
 from django.db import close_old_connections, connection
 
 from jobs import heartbeat
 from jobs.services import queues_paused, redis_queues_migrate
-from jobs.worker import buffer, commit, guard, logs, tracking
+from jobs.worker import buffer, commit, guard, logs, quorum, tracking
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +86,22 @@ def on_worker_init(**kwargs) -> None:
                 "Moved %d message(s) and %d binding(s) from the old Redis key layout",
                 moved.messages, moved.bindings,
             )  # fmt: skip
+    if settings.JOBSITE_QUEUE_TYPE == "quorum":
+        try:
+            # Before the consumer starts: its delayed-delivery step binds them all.
+            quorum.queues_declare(current_app)
+        except Exception:  # broker away: the next worker start declares them
+            logger.exception("Could not declare the quorum queues")
     on_worker_process_init()  # the solo and threads pools run tasks in this process
+
+
+_heartbeat_stop: threading.Event | None = None
 
 
 def on_worker_ready(sender=None, **kwargs) -> None:
     """Start the worker's heartbeat; a queue paused before it started stays paused."""
-    heartbeat.start_worker_heartbeat(sender.hostname, guard.INSTANCE)
+    global _heartbeat_stop
+    _heartbeat_stop = heartbeat.start_worker_heartbeat(sender.hostname, guard.INSTANCE)
     for queue in queues_paused():
         sender.cancel_task_queue(queue)
 
@@ -96,3 +109,14 @@ def on_worker_ready(sender=None, **kwargs) -> None:
 def on_worker_shutdown(**kwargs) -> None:
     """Write what the state buffers still hold before the process exits."""
     buffer.flush_all()
+
+
+def on_worker_stopped(sender=None, **kwargs) -> None:
+    """The worker's main process, stopping: flush, then leave the names pages wait for."""
+    on_worker_shutdown()
+    if _heartbeat_stop is not None:
+        _heartbeat_stop.set()
+    try:
+        heartbeat.worker_gone(sender.hostname)
+    except Exception as exc:  # Redis down: the name ages out of the heard ones instead
+        logger.warning("Worker heartbeat not removed: %s", exc)

@@ -45,18 +45,53 @@ def wait_for_port(
     raise RuntimeError(f"{what} did not listen on {address}:{port} within {timeout:.0f} s")
 
 
+def netns_wait_for_port(netns: str, address: str, port: int, timeout: float, what: str) -> None:
+    """``wait_for_port`` from inside the network namespace ``netns``."""
+    probe = (
+        "import socket, sys, time\n"
+        f"deadline = time.monotonic() + {timeout}\n"
+        "while time.monotonic() < deadline:\n"
+        "    try:\n"
+        f"        socket.create_connection(({address!r}, {port}), 0.5).close(); sys.exit(0)\n"
+        "    except OSError:\n"
+        "        time.sleep(0.1)\n"
+        "sys.exit(1)\n"
+    )
+    done = subprocess.run(["ip", "netns", "exec", netns, "python3", "-c", probe], check=False)
+    if done.returncode:
+        raise RuntimeError(f"{what} did not listen on {address}:{port} in {netns}")
+
+
 class PrivateServer:
-    """A server process in its own session, with a data directory of its own."""
+    """A server process in its own session, with a data directory of its own.
+
+    ``address`` is the one address it binds; ``netns``, when given, is the network
+    namespace it runs in (``ip netns exec``), for the fleet harness (tests/fleet/).
+    """
 
     what = "server"
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, address: str = "127.0.0.1", netns: str | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"jobsite-{prefix}-"))
+        self.address = address
+        self.netns = netns
+        # In a namespace of its own every port is free; the main namespace's are asked.
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
     def argv(self) -> list[str]:
         raise NotImplementedError
+
+    def in_netns(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
+
+    def wait_listening(self, timeout: float) -> None:
+        if self.netns:
+            netns_wait_for_port(self.netns, self.address, self.port, timeout, self.what)
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.what} exited with {self.process.returncode}")
+        else:
+            wait_for_port(self.port, timeout, self.process, self.address, what=self.what)
 
     def available(self) -> bool:
         """Whether this machine has the server's binary."""
@@ -68,11 +103,11 @@ class PrivateServer:
     def start(self, timeout: float = 60) -> None:
         log = (self.dir / "server.log").open("ab")
         self.process = subprocess.Popen(
-            self.argv(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            self.in_netns(self.argv()), env=self.environment(), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         log.close()
-        wait_for_port(self.port, timeout, self.process, what=self.what)
+        self.wait_listening(timeout)
         self.ready(timeout)
 
     def ready(self, timeout: float) -> None:
@@ -118,15 +153,17 @@ class PrivateRedis(PrivateServer):
 
     what = "redis-server"
 
-    def __init__(self) -> None:
-        super().__init__("redis")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+    def __init__(self, address: str = "127.0.0.1", netns: str | None = None) -> None:
+        super().__init__("redis", address, netns)
+        self.url = f"redis://{address}:{self.port}/0"
 
     def argv(self) -> list[str]:
         return [
-            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "redis-server", "--port", str(self.port), "--bind", self.address,
             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
             "--save", "",
+            # Off loopback (the fleet's subnet), no password: a test's private server only.
+            "--protected-mode", "no" if self.address != "127.0.0.1" else "yes",
         ]  # fmt: skip
 
 
@@ -136,11 +173,14 @@ class PrivateRabbitMQ(PrivateServer):
     what = "rabbitmq-server"
     binary = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 
-    def __init__(self) -> None:
-        super().__init__("rabbitmq")
+    def __init__(self, address: str = "127.0.0.1", netns: str | None = None) -> None:
+        super().__init__("rabbitmq", address, netns)
         self.dist_port = free_port()
         self.node = f"jobsite-{self.port}@localhost"
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        self.url = f"amqp://guest:guest@{address}:{self.port}//"
+        if address != "127.0.0.1":
+            # guest may log in from elsewhere than loopback only if told so.
+            (self.dir / "rabbitmq.conf").write_text("loopback_users = none\n")
         (self.dir / "home").mkdir()
         (self.dir / "enabled_plugins").write_text("[].\n")
 
@@ -152,7 +192,7 @@ class PrivateRabbitMQ(PrivateServer):
             **os.environ,
             "HOME": str(self.dir / "home"),  # its own Erlang cookie
             "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_IP_ADDRESS": self.address,
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
@@ -171,6 +211,22 @@ class PrivateRabbitMQ(PrivateServer):
         # The AMQP port opens before the node serves every vhost: wait for a real login.
         import kombu
 
+        if self.netns:
+            probe = (
+                "import kombu, sys, time\n"
+                f"deadline = time.monotonic() + {timeout}\n"
+                "while True:\n"
+                "    try:\n"
+                f"        kombu.Connection({self.url!r}, connect_timeout=2).ensure_connection("
+                "max_retries=1); sys.exit(0)\n"
+                "    except Exception:\n"
+                "        if time.monotonic() > deadline: raise\n"
+                "        time.sleep(0.2)\n"
+            )
+            import sys
+
+            subprocess.run(self.in_netns([sys.executable, "-c", probe]), check=True)
+            return
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -188,12 +244,12 @@ class PrivatePostgres(PrivateServer):
 
     what = "postgres"
 
-    def __init__(self) -> None:
-        super().__init__("postgres")
+    def __init__(self, address: str = "127.0.0.1", netns: str | None = None) -> None:
+        super().__init__("postgres", address, netns)
         self.data = self.dir / "data"
         bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
         self.bin = Path(bindirs[-1]) if bindirs else Path("/nonexistent")
-        self.url = f"postgres://postgres@127.0.0.1:{self.port}/jobsite"
+        self.url = f"postgres://postgres@{address}:{self.port}/jobsite"
         self._initialised = False
 
     def available(self) -> bool:
@@ -206,7 +262,7 @@ class PrivatePostgres(PrivateServer):
     def argv(self) -> list[str]:
         return self._as_postgres([
             str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
-            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
+            "-c", f"listen_addresses={self.address}", "-c", f"unix_socket_directories={self.dir}",
             "-c", "fsync=on", "-c", "max_connections=200",
         ])  # fmt: skip
 
@@ -220,10 +276,14 @@ class PrivatePostgres(PrivateServer):
                 check=True, capture_output=True,
             )  # fmt: skip
             self._initialised = True
+            if self.address != "127.0.0.1":
+                # initdb trusts loopback only; the fleet's hosts connect over their subnet.
+                with (self.data / "pg_hba.conf").open("a") as hba:
+                    hba.write(f"host all all {self.address.rsplit('.', 1)[0]}.0/24 trust\n")
             super().start(timeout)
             subprocess.run(
-                [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
-                 "-U", "postgres", "jobsite"],
+                self.in_netns([str(self.bin / "createdb"), "-h", self.address, "-p", str(self.port),
+                 "-U", "postgres", "jobsite"]),
                 check=True, capture_output=True,
             )  # fmt: skip
             return
@@ -233,7 +293,8 @@ class PrivatePostgres(PrivateServer):
         deadline = time.monotonic() + timeout
         while True:
             done = subprocess.run(
-                [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                self.in_netns([str(self.bin / "pg_isready"), "-h", self.address, "-p",
+                               str(self.port)]),
                 capture_output=True,
             )  # fmt: skip
             if done.returncode == 0:

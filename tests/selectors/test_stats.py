@@ -4,6 +4,7 @@ on an index (jobs.selectors.stats)."""
 from __future__ import annotations
 
 import re
+import time
 from datetime import timedelta
 
 import pytest
@@ -11,6 +12,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from jobs import heartbeat, redis
 from jobs.models import Job
 from jobs.selectors import stats
 
@@ -54,3 +56,50 @@ def test_every_dashboard_query_can_be_served_by_an_index(operator, alice, runs):
             plan = "\n".join(row[0] for row in cursor.fetchall())
             assert not re.search(r"Seq Scan on jobs_job\b", plan), plan
         cursor.execute("SET enable_seqscan = on")
+
+
+# --- Workers online: never waited for ------------------------------------------------
+
+
+@pytest.fixture
+def slow_ping(monkeypatch):
+    """A ping that takes as long as one waiting out a dead worker, and who answered it."""
+    answered = ["live@host"]
+
+    def ping():
+        time.sleep(1.0)
+        return list(answered)
+
+    monkeypatch.setattr(stats, "workers_online", ping)
+    redis.client().delete(heartbeat.WORKERS_KEY)
+    heartbeat.worker_seen_now("live@host")
+    heartbeat.worker_seen_now("killed@host")
+    return answered
+
+
+@pytest.mark.broker
+def test_the_system_status_does_not_wait_for_the_first_ping(slow_ping):
+    started = time.monotonic()
+    status = stats.system_status()
+
+    assert time.monotonic() - started < 0.5
+    assert status.workers == ["killed@host", "live@host"]  # the heartbeats, until it answers
+    stats.workers_refresh_wait()
+    assert stats.system_status().workers == ["live@host"]
+
+
+@pytest.mark.broker
+def test_a_stale_answer_is_shown_while_one_ping_refreshes_it(slow_ping, monkeypatch):
+    stats.system_status()
+    stats.workers_refresh_wait()
+    slow_ping.append("new@host")
+    monkeypatch.setattr(stats, "WORKERS_FRESH", 0.0)
+
+    started = time.monotonic()
+    first, second = stats.system_status(), stats.system_status()
+
+    assert time.monotonic() - started < 0.5
+    assert first.workers == second.workers == ["live@host"]
+    assert stats.workers_refresh_in_background() is None  # the one ping is still running
+    stats.workers_refresh_wait()
+    assert stats.system_status().workers == ["live@host", "new@host"]

@@ -1,7 +1,10 @@
 """Workers through Celery's remote control: what the workers page and /metrics read."""
 
+import time
+
 import pytest
 
+from jobs import heartbeat, redis
 from jobs.selectors import workers
 
 pytestmark = pytest.mark.broker
@@ -32,3 +35,54 @@ def test_the_follow_up_calls_ask_exactly_the_workers_that_answered(worker, monke
     assert asked[0].get("destination") is None  # discovery: whoever answers
     names = sorted(w.name for w in found)
     assert asked[1]["destination"] == names and asked[1]["limit"] == len(names)
+
+
+# --- Replies expected from heartbeats ------------------------------------------------
+
+
+def _heard_only(*names: str) -> None:
+    """The heartbeats name exactly these workers (both brokers' test workers beat)."""
+    redis.client().delete(heartbeat.WORKERS_KEY)
+    for name in names:
+        heartbeat.worker_seen_now(name)
+
+
+def _live_name(worker) -> str:
+    online = workers.workers_online(timeout=2)
+    (name,) = [n for n in online if n.startswith(f"test-{worker.broker}@")]
+    return name
+
+
+def test_a_ping_returns_once_the_workers_heartbeats_name_have_answered(worker):
+    name = _live_name(worker)
+    _heard_only(name)
+
+    started = time.monotonic()
+    online = workers.workers_online(timeout=5)
+
+    assert name in online
+    assert time.monotonic() - started < 1.0  # not the 5 s timeout
+
+
+def test_a_dead_name_in_the_heartbeats_costs_one_timeout_on_the_workers_page(worker):
+    name = _live_name(worker)
+    _heard_only(name, "killed@nowhere")
+
+    started = time.monotonic()
+    found = workers.workers_inspect(timeout=1.0)
+    took = time.monotonic() - started
+
+    assert [w.name for w in found] == [name]
+    assert 0.9 < took < 1.6  # discovery waits for the dead one; the follow-ups do not
+
+
+def test_the_workers_page_shares_one_inspection_until_an_action_forgets_it(monkeypatch):
+    calls = []
+    monkeypatch.setattr(workers, "workers_inspect", lambda: calls.append(1) or [])
+
+    workers.workers_inspect_cached()
+    workers.workers_inspect_cached()
+    workers.workers_forget()
+    workers.workers_inspect_cached()
+
+    assert len(calls) == 2

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
@@ -133,3 +136,20 @@ def test_metrics_accept_clients_from_allowed_networks(client, runs, settings):
 
 def test_the_metrics_url_is_the_root_metrics_path():
     assert reverse("jobs-metrics") == URL
+
+
+FLEET_DOC = Path(__file__).resolve().parents[2] / "docs" / "fleet.md"
+
+
+@pytest.mark.broker
+def test_the_keda_example_in_docs_scales_on_a_queue_depth_metrics_exports(admin_client):
+    """docs/fleet.md's ScaledObject queries jobsite_queue_messages for a queue we have."""
+    query = re.search(r"query: sum\((\w+)\{queue=\"(\w+)\"\}\)", FLEET_DOC.read_text())
+    assert query, "docs/fleet.md has no prometheus query on a queue"
+    metric, queue = query.groups()
+
+    found = families(admin_client.get(URL))
+
+    assert found[metric].type == "gauge"
+    depths = {dict(labels)["queue"]: value for labels, value in samples(found[metric]).items()}
+    assert depths[queue] >= 0
