@@ -93,6 +93,15 @@ def purge(queues: tuple[str, ...] = (QUEUE,)) -> None:
                 conn.default_channel.queue_purge(queue)
 
 
+def forget_noop_runs() -> None:
+    """Delete the no-op runs earlier measurements stored, and their audit entries."""
+    from jobs.models import AuditEntry, Job
+
+    ids = Job.objects.filter(job_type__name="noop").values("id")
+    AuditEntry.objects.filter(target_type="run", target_id__in=ids).delete()
+    Job.objects.filter(job_type__name="noop").delete()
+
+
 def queue_depth(queue: str = QUEUE) -> int:
     from jobs.selectors.broker import queue_depths
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
+from datetime import timedelta
 
 from celery import current_app
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.db.models.sql import InsertQuery
 from django.utils import timezone
 from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # kombu-stubs lack it
 
-from jobs import specs
+from jobs import routing, specs
 from jobs.models import (
     AuditAction,
     AuditEntry,
@@ -19,7 +22,6 @@ from jobs.models import (
     JobSource,
     JobType,
 )
-from jobs.services.audit import audit_record
 from jobs.services.errors import BROKER_ERRORS
 from jobs.services.messages import (
     _check_size,
@@ -78,22 +80,43 @@ def job_submit(
         eta=_parse_time(options.get("eta")),
         expires_at=_parse_time(options.get("expires_at")),
     )
+    entry = AuditEntry(
+        actor=user if getattr(user, "pk", None) else None,
+        actor_name=getattr(user, "username", "") or str(user or "system"),
+        action=AuditAction.SUBMIT, target_type="run",
+        target_id=job.pk, target_repr=str(job_type)[:300],
+        details=specs.to_json({"params": job_type_masked(job_type, params), "source": source}),
+    )  # fmt: skip
     try:
-        with transaction.atomic():
-            job.save(force_insert=True)
-            audit_record(
-                actor=user,
-                action=AuditAction.SUBMIT,
-                target_type="run",
-                target_id=job.pk,
-                target_repr=str(job_type),
-                details={"params": job_type_masked(job_type, params), "source": source},
-            )
+        # Outside a transaction, the run and its audit entry are one statement (atomic
+        # on its own: no BEGIN and COMMIT round trips); inside one, a savepoint keeps an
+        # idempotency-key clash from breaking the caller's transaction.
+        with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
+            _insert_together(job, entry)
             transaction.on_commit(lambda: job_publish(job=job))
     except IntegrityError:
         # The same idempotency key submitted twice at once: the first one won.
         return Job.objects.get(submitted_by=user, idempotency_key=key)
     return job
+
+
+def _insert_together(*objs) -> None:
+    """INSERT each model instance, in one statement: ``WITH a AS (INSERT ...) INSERT ...``."""
+    parts, params = [], []
+    for obj in objs:
+        fields = [f for f in obj._meta.local_concrete_fields
+                  if not (f.primary_key and getattr(obj, f.attname) is None)]  # fmt: skip
+        query = InsertQuery(type(obj))
+        query.insert_values(fields, [obj])
+        [(sql, values)] = query.get_compiler(connection=connection).as_sql()
+        parts.append(sql)
+        params.extend(values)
+    *first, last = parts
+    ctes = ", ".join(f"i{n} AS ({sql})" for n, sql in enumerate(first))
+    with connection.cursor() as cursor:
+        cursor.execute(f"WITH {ctes} {last}" if ctes else last, params)
+    for obj in objs:
+        obj._state.adding, obj._state.db = False, connection.alias
 
 
 def job_type_masked(job_type: JobType, params: dict) -> dict:
@@ -130,7 +153,7 @@ def job_publish(*, job: Job, force: bool = False, producer=None, mark_sent: bool
             job.task_name,
             kwargs=job.params,
             task_id=job.id,
-            eta=job.eta,
+            eta=_publishable_eta(job.eta),
             expires=job.expires_at,
             soft_time_limit=options.get("soft_time_limit"),
             time_limit=options.get("time_limit"),
@@ -187,7 +210,9 @@ def job_submit_many(
     ]
     entries = [
         AuditEntry(
-            actor=user, actor_name=user.username, action=AuditAction.SUBMIT, target_type="run",
+            actor=user if getattr(user, "pk", None) else None,
+        actor_name=getattr(user, "username", "") or str(user or "system"),
+        action=AuditAction.SUBMIT, target_type="run",
             target_id=job.pk, target_repr=str(job.job_type)[:300],
             details={"params": job_type_masked(job_type, job.params), "source": source},
         )
@@ -268,3 +293,11 @@ def jobs_publish_many(*, jobs: list[Job]) -> int:
             sent_at=sent[-1].sent_at
         )
     return len(sent)
+
+
+def _publishable_eta(eta):
+    """The run's ETA, at least a second ahead on quorum queues (routing.native_delay)."""
+    if eta is None or not routing.uses_quorum(current_app.conf.task_queues or ()):
+        return eta
+    now = timezone.now()
+    return now + timedelta(seconds=routing.native_delay((eta - now).total_seconds()))

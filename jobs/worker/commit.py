@@ -158,11 +158,14 @@ class GroupCommit:
         self.acking = False  # acknowledging a stored batch (in the event loop)
         self._waiting = 0  # acks_late runs waiting for their final state to be stored
         self._extra = 0  # by how much the prefetch window is widened for them
+        self._static = settings.JOBSITE_QUEUE_TYPE == "quorum"  # per-consumer QoS
         self._peak = 0
         self._generation = 0
         self.on_consume(consumer)
         self._pending: list[tuple] = []
         self._first_at = 0.0  # when the oldest pending run arrived (time.monotonic)
+        self._last_at = float("-inf")  # when the newest run arrived
+        self._lone = False  # no run arrived in the gather window before the pending batch's first
         self._gather = settings.JOBSITE_GROUP_COMMIT_WAIT_MS / 1000  # seconds
         self._stored: collections.deque = collections.deque()  # requests to acknowledge
         self._wake = threading.Condition()
@@ -183,11 +186,16 @@ class GroupCommit:
             # Wake the committer for the first run of a batch (it then gathers for
             # self._gather seconds) and for a full one; waking it for each run in between
             # would only make it contend with this thread for the GIL.
+            now = time.monotonic()
             if len(self._pending) == 1:
-                self._first_at = time.monotonic()
+                # A run that finishes alone (no other one in the gather window before
+                # it) is stored at once: idle, waiting for company only adds the wait.
+                self._lone = now - self._last_at >= self._gather
+                self._first_at = now
                 self._wake.notify_all()
             elif len(self._pending) == MAX_BATCH:
                 self._wake.notify_all()
+            self._last_at = now
 
     def acknowledge_stored(self) -> None:
         by_channel: dict[int, list] = {}
@@ -210,9 +218,17 @@ class GroupCommit:
     # narrowed back once a second: each change is a round trip to RabbitMQ (basic.qos),
     # so it is not done per run, and a worker that moves on to long jobs soon holds
     # no more messages than its prefetch setting says.
+    # Not with quorum queues: their QoS is per consumer, and RabbitMQ applies a
+    # basic.qos only to consumers started after it, so widening would be round trips
+    # that change nothing (Celery says so: "Prefetch count is now static"). The acks
+    # still wait for the batch (that is what makes a stored run's message safe to drop);
+    # a worker that should not stall on them gets a larger
+    # CELERY_WORKER_PREFETCH_MULTIPLIER instead.
 
     def _widen(self) -> None:
         self._peak = max(self._peak, self._waiting)
+        if self._static:
+            return
         if self._failing:
             return  # the database is away: let the unacknowledged runs hold consumption
         if self._waiting > self._extra:
@@ -279,7 +295,9 @@ class GroupCommit:
                 # Gather: a statement costs about as much for one run as for twenty (a
                 # round trip, a plan, a commit), so the batch's first run waits for
                 # company (JOBSITE_GROUP_COMMIT_WAIT_MS) counted from its arrival.
-                deadline = self._first_at + self._gather
+                # A lone run (none arrived in the window before it) goes at once; under
+                # load runs follow each other closely and batches gather.
+                deadline = self._first_at + (0.0 if self._lone else self._gather)
                 while len(self._pending) < MAX_BATCH and not self._closing:
                     left = deadline - time.monotonic()
                     if left <= 0:

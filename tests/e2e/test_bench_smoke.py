@@ -90,3 +90,28 @@ def test_the_beat_benchmark_runs(bench_env):
     assert "### Beat: 50 schedules" in out
     assert "| Jobsite (JobsiteScheduler)" in out
     assert "| stock (DatabaseScheduler)" in out
+
+
+def test_the_fleet_benchmark_runs_with_one_live_and_one_killed_worker(bench_env):
+    out = run(bench_env, "fleet", "--workers", "1", "--requests", "1")
+
+    assert "1 workers ready and fleet-dead@bench killed" in out
+    assert "### Pages with 1 workers and one killed" in out
+    assert "| /metrics, uncached" in out
+
+
+def test_the_latency_benchmark_runs_on_both_brokers(bench_env):
+    out = run(bench_env, "latency", "--broker", "both", "--runs", "2", "--pause", "0")
+
+    assert "### Idle latency: 2 no-op runs one at a time" in out
+    assert out.count("| redis") == 9  # 4 steps in each of two modes, and raw Celery
+    assert out.count("| rabbitmq") == 9
+    assert "| finished -> stored" in out
+
+
+def test_the_concurrency_benchmark_runs_on_both_brokers(bench_env):
+    out = run(bench_env, "concurrency", "--broker", "both", "--clients", "1,2", "--seconds", "0.5")
+
+    assert "### Single submits: concurrent client processes" in out
+    assert out.count("| redis") == 2
+    assert out.count("| rabbitmq") == 2

@@ -155,17 +155,43 @@ def test_runs_finishing_close_together_are_stored_in_one_statement(
     committer = commit.GroupCommit(SimpleNamespace(hub=_Hub(), qos=None))
     now = time.time()
     try:
-        for job in [started_job(alice) for _ in range(3)]:
-            committer.add((queued(job.pk), {}, now, now, False))
+        first, *rest = [started_job(alice) for _ in range(4)]
+        committer.add((queued(first.pk), {}, now, now, False))  # alone: stored at once
+        for job in rest:
             time.sleep(0.03)  # finishing a little apart, as runs do
+            committer.add((queued(job.pk), {}, now, now, False))
         deadline = time.monotonic() + 5
-        while not batches:
+        while len(batches) < 2:
             assert time.monotonic() < deadline, "the batch was never stored"
             time.sleep(0.01)
     finally:
         committer.close()
 
-    assert batches == [3]  # without the wait, the first run goes alone
+    assert batches == [1, 3]  # without the wait, each run after the first goes alone too
+
+
+def test_a_lone_run_is_stored_without_waiting_for_a_batch(
+    transactional_db, alice, settings, monkeypatch
+):
+    settings.JOBSITE_GROUP_COMMIT_WAIT_MS = 1000
+    stored_after: list[float] = []
+    monkeypatch.setattr(commit, "store", lambda batch: stored_after.append(time.monotonic()))
+    committer = commit.GroupCommit(SimpleNamespace(hub=_Hub(), qos=None))
+    now = time.time()
+    try:
+        for number in range(2):  # after the start, and after a quiet gather window
+            added = time.monotonic()
+            committer.add((queued(started_job(alice).pk), {}, now, now, False))
+            deadline = added + 5
+            while len(stored_after) <= number:
+                assert time.monotonic() < deadline, "the run was never stored"
+                time.sleep(0.005)
+            assert stored_after[-1] - added < 0.5  # not the gather window's full second
+            time.sleep(1.05)
+    finally:
+        committer.close()
+
+    assert len(stored_after) == 2
 
 
 @pytest.mark.broker
