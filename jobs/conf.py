@@ -38,6 +38,11 @@ class JobsiteConf(AppConf):
     MAX_ETA_DAYS = 30
     RELAY_EVERY = 15
     LOST_AFTER = 300
+    # A Redis-broker run sent this long ago that no worker has received is sent again.
+    REDIS_RESEND_AFTER = 120
+    # RabbitMQ queue type of Jobsite's queues: "classic" or "quorum" (README, *Quorum
+    # queues*); the worker's prefetch and delays follow it.
+    QUEUE_TYPE = "classic"
     RETENTION_DAYS = 30
     SERIALIZER = "json"
     COMPRESSION = ""

@@ -142,3 +142,20 @@ def test_the_soft_shutdown_timeout_reaches_celery_as_worker_soft_shutdown_timeou
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == "25.0"
+
+
+def test_every_setting_the_app_reads_has_a_default():
+    """A host project sets only what it changes (jobs/conf.py), so each
+    ``settings.JOBSITE_<NAME>`` read under jobs/ needs a default there."""
+    import re
+
+    from jobs.conf import JobsiteConf
+
+    read = {
+        name
+        for path in (ROOT / "jobs").rglob("*.py")
+        for name in re.findall(r"settings\.JOBSITE_([A-Z0-9_]+)", path.read_text())
+    }
+    defaults = {name for name in vars(JobsiteConf) if name.isupper()}
+    assert read, "the scan found no setting: the pattern is wrong"
+    assert read - defaults == set()
