@@ -27,6 +27,7 @@ redis: python manage.py embedded_redis
 web: python manage.py runserver {address} --noreload
 worker: celery -A jobsite worker --loglevel=INFO --concurrency=2 --hostname=worker@%h
 beat: celery -A jobsite beat --loglevel=INFO
+events: python manage.py record_events
 """
 
 # Production-like settings for `manage.py check --deploy`.

@@ -44,6 +44,13 @@ class JobsiteConf(AppConf):
     # queues*); the worker's prefetch and delays follow it.
     QUEUE_TYPE = "classic"
     RETENTION_DAYS = 30
+    # The event recorder (manage.py record_events): events per stored batch, the longest
+    # an event waits in a batch (ms), and, on RabbitMQ, how many events its durable queue
+    # keeps while it is down (then the oldest go) and for how long (s).
+    EVENTS_BATCH = 500
+    EVENTS_FLUSH_MS = 200
+    EVENTS_BACKLOG = 1_000_000
+    EVENTS_TTL = 24 * 3600
     SERIALIZER = "json"
     COMPRESSION = ""
     SIGNING = False

@@ -44,6 +44,7 @@ class JobSource(models.TextChoices):
     RETRY = "retry", "Retry"
     WORKFLOW = "workflow", "Workflow step"
     EXTERNAL = "external", "Other code (.delay)"
+    EVENTS = "events", "Seen through events"
 
 
 class JobTypeQuerySet(models.QuerySet):
@@ -260,6 +261,13 @@ class Job(models.Model):
         default=0,
         help_text="Times the same run was delivered again and not executed twice.",
     )
+    event_clock = models.FloatField(
+        "last event",
+        null=True,
+        blank=True,
+        help_text="Timestamp of the last task event applied (runs seen through events): "
+        "an older event arriving late never moves the run back.",
+    )
     executions = models.PositiveIntegerField(
         "executions",
         default=0,
@@ -397,6 +405,11 @@ class AuditAction(models.TextChoices):
     CONSUMER_ADD = "consumer_add", "Add queue consumer"
     CONSUMER_CANCEL = "consumer_cancel", "Cancel queue consumer"
     SHUTDOWN = "shutdown", "Shut down worker"
+    RATE_LIMIT = "rate_limit", "Change task rate limit"
+    TIME_LIMIT = "time_limit", "Change task time limits"
+    AUTOSCALE = "autoscale", "Autoscale pool"
+    POOL_RESTART = "pool_restart", "Restart pool"
+    REVOKE_BY_NAME = "revoke_by_name", "Cancel runs by task name"
     SCHEDULE_CREATE = "schedule_create", "Create schedule"
     SCHEDULE_CHANGE = "schedule_change", "Change schedule"
     SCHEDULE_DELETE = "schedule_delete", "Delete schedule"

@@ -420,6 +420,13 @@ JOBSITE_LOST_AFTER = env_int("JOBSITE_LOST_AFTER", 300, minimum=10)
 # no longer on the broker (kombu#305) is sent again by the reconciliation (mark_lost).
 JOBSITE_REDIS_RESEND_AFTER = env_int("JOBSITE_REDIS_RESEND_AFTER", 120, minimum=1)
 JOBSITE_RETENTION_DAYS = env_int("JOBSITE_RETENTION_DAYS", 30, minimum=1)
+# The event recorder (manage.py record_events): events per stored batch, the longest
+# one waits in a batch (ms), and on RabbitMQ what its durable queue keeps while it is
+# down: at most this many events (then the oldest go), each for at most this long (s).
+JOBSITE_EVENTS_BATCH = env_int("JOBSITE_EVENTS_BATCH", 500, minimum=1)
+JOBSITE_EVENTS_FLUSH_MS = env_int("JOBSITE_EVENTS_FLUSH_MS", 200, minimum=1)
+JOBSITE_EVENTS_BACKLOG = env_int("JOBSITE_EVENTS_BACKLOG", 1_000_000, minimum=1000)
+JOBSITE_EVENTS_TTL = env_int("JOBSITE_EVENTS_TTL", 24 * 3600, minimum=60)
 # Largest task message a worker accepts; bigger ones are rejected and audited.
 JOBSITE_MAX_MESSAGE_BYTES = env_int("JOBSITE_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024)
 # Redis broker: an unacknowledged (acks_late) message is redelivered after this many

@@ -23,7 +23,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 
-APP_SERVICES = ("web", "worker", "beat")
+APP_SERVICES = ("web", "worker", "beat", "events")
 INFRASTRUCTURE_SERVICES = ("postgres", "redis", "rabbitmq")
 AMQP_URL = "amqp://guest:guest@rabbitmq:5672//"
 # The file requires DJANGO_SECRET_KEY; every check but the one about it sets this.

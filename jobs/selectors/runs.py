@@ -19,7 +19,16 @@ from django.db.models.functions import Cast
 from django.http import Http404
 
 from jobs import specs, workflows
-from jobs.models import RETRYABLE_STATES, ApiToken, AuditEntry, Job, JobLog, JobState, JobType
+from jobs.models import (
+    RETRYABLE_STATES,
+    ApiToken,
+    AuditEntry,
+    Job,
+    JobLog,
+    JobSource,
+    JobState,
+    JobType,
+)
 
 
 class JobFilter(django_filters.FilterSet):
@@ -29,6 +38,9 @@ class JobFilter(django_filters.FilterSet):
     job_type = django_filters.ModelChoiceFilter(
         queryset=JobType.objects.all(), to_field_name="name", empty_label="Any job type"
     )
+    # A task the catalogue does not know (runs seen through events) is found by its name.
+    task = django_filters.CharFilter(field_name="task_name", label="Celery task")
+    source = django_filters.ChoiceFilter(choices=JobSource.choices, empty_label="Any source")
     queue = django_filters.CharFilter(label="Queue")
     submitted_by = django_filters.CharFilter(
         field_name="submitted_by__username", label="Submitted by"
@@ -189,9 +201,12 @@ def job_actions(*, user, job: Job) -> set[str]:
         actions.add("cancel")
     if job.state in (JobState.STARTED, JobState.PROGRESS):
         actions.add("terminate")
-    if job.job_type_id and job.state in RETRYABLE_STATES:
+    # A run seen through events has the parameters its event showed (reprs, masked):
+    # not ones Jobsite can send again.
+    resendable = bool(job.job_type_id) and job.source != JobSource.EVENTS
+    if resendable and job.state in RETRYABLE_STATES:
         actions.add("retry")
-    if job.job_type_id:
+    if resendable:
         actions.add("rerun")
     if job.is_finished:
         actions.add("delete")

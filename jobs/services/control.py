@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 from celery import current_app
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from jobs import markers
@@ -20,6 +23,7 @@ from jobs.models import (
 )
 from jobs.services.audit import _audit_job, audit_record
 from jobs.services.errors import BROKER_ERRORS, ActionError
+from jobs.services.fleet import task_names_controllable
 from jobs.services.runs import job_submit
 
 logger = logging.getLogger(__name__)
@@ -95,8 +99,7 @@ def job_retry(*, job: Job, user) -> Job:
     _check_control(user, job)
     if job.state not in RETRYABLE_STATES:
         raise ActionError("Only a failed, cancelled or lost run can be retried; " + _is_now(job))
-    if job.job_type is None:
-        raise ActionError("This run's task is not in the catalogue, so it cannot be sent again.")
+    _refuse_resend(job)
     new = _resubmit(job=job, user=user, params=job.params, source=JobSource.RETRY)
     _audit_job(user, AuditAction.RETRY, job, new_run=new.pk)
     return new
@@ -105,8 +108,8 @@ def job_retry(*, job: Job, user) -> Job:
 def job_rerun(*, job: Job, user, params: dict, options: dict | None = None) -> Job:
     """A new run with edited (already validated) parameters; the lineage is kept."""
     _check_control(user, job)
-    if job.job_type is None:
-        raise ActionError("This run's task is not in the catalogue, so it cannot be sent again.")
+    _refuse_resend(job)
+    assert job.job_type is not None  # refused above
     new = job_submit(
         job_type=job.job_type,
         params=params,
@@ -117,6 +120,16 @@ def job_rerun(*, job: Job, user, params: dict, options: dict | None = None) -> J
     )
     _audit_job(user, AuditAction.RERUN, job, new_run=new.pk)
     return new
+
+
+def _refuse_resend(job: Job) -> None:
+    if job.job_type is None:
+        raise ActionError("This run's task is not in the catalogue, so it cannot be sent again.")
+    if job.source == JobSource.EVENTS:
+        raise ActionError(
+            "This run was seen through another worker's events: its parameters are what "
+            "the events showed (masked), not ones Jobsite can send again. Submit it anew."
+        )
 
 
 def _resubmit(*, job: Job, user, params: dict, source: str) -> Job:
@@ -186,3 +199,105 @@ def workflow_cancel(*, root: Job, user) -> tuple[list[str], list[str]]:
         details={"cancelled": cancelled, "not_cancelled": errors},
     )  # fmt: skip
     return cancelled, errors
+
+
+# --- Cancel by task name ---------------------------------------------------------------
+
+# Runs cancelled per transaction (and per revoke broadcast): a batch locks its rows only
+# as long as one UPDATE takes, and a revoke message stays small.
+REVOKE_BATCH = 500
+REVOKE_AUDIT_IDS = 1000  # run ids kept in the audit entry (the count is always exact)
+
+
+@dataclass
+class RevokeByName:
+    """What ``jobs_revoke_by_name`` did."""
+
+    task_name: str
+    cancelled: list[str] = field(default_factory=list)
+    terminated: list[str] = field(default_factory=list)
+    left_running: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def jobs_revoke_by_name(*, task_name: str, user, terminate: bool = False) -> RevokeByName:
+    """Cancel every run of ``task_name`` that has not started and that ``user`` can see.
+
+    Celery 5 has no revoke by name: the runs are chosen in the Job table and revoked by
+    id (Redis marker + Celery revoke, as ``job_cancel``), in batches. Runs already
+    running are stopped only with ``terminate`` (``job_terminate``, each audited);
+    otherwise they are counted as left running.
+    """
+    action = AuditAction.REVOKE_BY_NAME
+    if not user.has_perm("jobs.control_jobs"):
+        audit_record(actor=user, action=action, target_type="task", target_id=task_name[:255],
+                     outcome=AuditOutcome.DENIED)  # fmt: skip
+        raise PermissionDenied("You may not cancel runs by task name.")
+    if task_name not in task_names_controllable():
+        audit_record(actor=user, action=action, target_type="task", target_id=task_name[:255],
+                     outcome=AuditOutcome.FAILED, details={"error": "unknown task"})  # fmt: skip
+        raise ActionError(f"Unknown task “{task_name}”: choose one of the tasks in the list.")
+    runs = Job.objects.visible_to(user).filter(task_name=task_name)
+    done = RevokeByName(task_name=task_name, cancelled=_cancel_waiting(runs, user, task_name))
+    running = runs.filter(state__in=(JobState.STARTED, JobState.PROGRESS))
+    if terminate:
+        for job in running.order_by("created_at", "id").iterator():
+            try:
+                job_terminate(job=job, user=user)
+            except (ActionError, PermissionDenied) as exc:  # it finished meanwhile
+                done.errors.append(f"{job.pk}: {exc}")
+            else:
+                done.terminated.append(job.pk)
+    else:
+        done.left_running = running.count()
+    audit_record(
+        actor=user, action=action, target_type="task", target_id=task_name,
+        details={
+            "cancelled": len(done.cancelled), "cancelled_runs": done.cancelled[:REVOKE_AUDIT_IDS],
+            "terminated": done.terminated, "left_running": done.left_running,
+            "errors": done.errors[:50],
+        },
+    )  # fmt: skip
+    return done
+
+
+def _cancel_waiting(runs, user, task_name: str) -> list[str]:
+    """Cancel the runs of ``runs`` not started yet, batch by batch; their ids."""
+    message = f"Cancelled by {user} (every run of {task_name})"
+    cancelled: list[str] = []
+    while True:
+        with transaction.atomic():
+            # Locked until the UPDATE commits, so the ids are exactly the rows updated: a
+            # run a worker started meanwhile is re-checked by PostgreSQL and left out.
+            waiting = runs.filter(state__in=NOT_STARTED).select_for_update()
+            ids = list(waiting.values_list("pk", flat=True)[:REVOKE_BATCH])
+            if not ids:
+                return cancelled
+            Job.objects.filter(pk__in=ids).update(
+                state=JobState.REVOKED, finished_at=timezone.now(), error_message=message
+            )
+        for pk in ids:
+            markers.mark_revoked(pk)
+        try:
+            current_app.control.revoke(ids)
+        except BROKER_ERRORS as exc:
+            # The Redis markers still stop these runs; only the in-memory revoke was missed.
+            logger.warning("Could not broadcast revoke of %d runs: %s", len(ids), exc)
+        cancelled.extend(ids)
+
+
+def jobs_unfinished_by_task(*, user) -> list[dict]:
+    """Per task name, the user's visible runs waiting and running (the page's counts).
+
+    A read, kept next to the one write that needs it (selectors/runs.py is its proper
+    home); the state index bounds it to the unfinished runs, however long the history.
+    """
+    waiting = Count("id", filter=Q(state__in=NOT_STARTED))
+    rows = (
+        Job.objects.visible_to(user)
+        .unfinished()
+        .values("task_name")
+        .annotate(waiting=waiting, running=Count("id", filter=~Q(state__in=NOT_STARTED)))
+        .order_by("task_name")
+    )
+    return list(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -10,7 +11,7 @@ from celery import current_app
 from django.core.exceptions import PermissionDenied
 from django.utils import timezone
 
-from jobs import redis
+from jobs import redis, specs
 from jobs.models import (
     AuditAction,
     AuditOutcome,
@@ -132,3 +133,158 @@ def worker_control(*, worker: str, action: str, user, queue: str = "", n: int = 
     return _control_reply(
         WORKER_ACTIONS[action], user, "worker", worker, calls[action], queue=queue, n=n
     )
+
+
+# --- Task limits, autoscale and pool restart (Flower's worker page) ----------------------
+
+CONTROL_TIMEOUT = 2.0  # seconds a control waits for the worker's reply
+
+
+def task_names_controllable() -> list[str]:
+    """The task names a control may name: the catalogue's and the tasks this app registers.
+
+    Forms offer only these and the services check again, so no string a user typed is
+    ever sent to workers as a task name. Celery's built-ins (``celery.*``) are left out.
+    """
+    names = {spec.task_name for spec in specs.all_specs()}
+    names.update(name for name in current_app.tasks if not name.startswith("celery."))
+    return sorted(names)
+
+
+def worker_control_allowed(*, user, action: str, worker: str, **details) -> None:
+    """Refuse (audited as denied) a user without ``jobs.manage_workers``."""
+    if user.has_perm("jobs.manage_workers"):
+        return
+    audit_record(
+        actor=user, action=action, target_type="worker", target_id=worker[:255],
+        outcome=AuditOutcome.DENIED, details=details,
+    )  # fmt: skip
+    raise PermissionDenied("You may not control workers and queues.")
+
+
+def _check_task_name(*, user, action: str, worker: str, task_name: str) -> None:
+    if task_name in task_names_controllable():
+        return
+    audit_record(
+        actor=user, action=action, target_type="worker", target_id=worker,
+        outcome=AuditOutcome.FAILED, details={"task_name": task_name, "error": "unknown task"},
+    )  # fmt: skip
+    raise ActionError(f"Unknown task “{task_name}”: choose one of the tasks in the list.")
+
+
+# "ValueError('Pool restarts not enabled')", as kombu's pidbox reports an exception.
+_EXC_REPR = re.compile(r"^\w+\(['\"](?P<message>.*)['\"]\)$")
+
+
+def _refusals(replies: list) -> dict[str, str]:
+    """Worker name -> its error, for the workers that answered with one."""
+    refused = {}
+    for reply in replies:
+        for name, answer in reply.items():
+            if isinstance(answer, dict) and "error" in answer:
+                error = str(answer["error"])
+                match = _EXC_REPR.match(error)
+                refused[name] = match["message"] if match else error
+    return refused
+
+
+def _control_checked(action: str, user, worker: str, call, hint: str = "", **details) -> list:
+    """One remote-control call to one worker; its error reply (or silence) is a failure.
+
+    Unlike ``_control_reply``, a worker that refuses (``{"error": ...}``) or does not
+    answer is audited as failed and raises ActionError with the worker's own words.
+    """
+    try:
+        replies = call() or []
+    except BROKER_ERRORS as exc:
+        audit_record(
+            actor=user, action=action, target_type="worker", target_id=worker,
+            outcome=AuditOutcome.FAILED, details={**details, "error": str(exc)},
+        )  # fmt: skip
+        raise ActionError(f"The broker could not be reached: {exc}") from exc
+    refused = _refusals(replies)
+    problem = ""
+    if not replies:
+        problem = f"{worker} did not answer within {CONTROL_TIMEOUT:g} s (is it online?)."
+    elif refused:
+        problem = "; ".join(f"{name} refused: {error}" for name, error in refused.items())
+        problem += f". {hint}" if hint else "."
+    audit_record(
+        actor=user, action=action, target_type="worker", target_id=worker,
+        outcome=AuditOutcome.FAILED if problem else AuditOutcome.OK,
+        details={**details, "replies": replies, **({"error": problem} if problem else {})},
+    )  # fmt: skip
+    if problem:
+        raise ActionError(problem)
+    return replies
+
+
+def worker_rate_limit(*, worker: str, task_name: str, rate_limit: str | None, user) -> list:
+    """Set how often ``worker`` may start runs of ``task_name`` ("10/m"; None: no limit).
+
+    The limit lives in the worker's memory: a restarted worker is back to the task's own.
+    """
+    action = AuditAction.RATE_LIMIT
+    worker_control_allowed(user=user, action=action, worker=worker, task_name=task_name)
+    _check_task_name(user=user, action=action, worker=worker, task_name=task_name)
+    return _control_checked(
+        action, user, worker,
+        # None is Celery's "no limit" (the worker then lists none); the stubs omit it.
+        lambda: current_app.control.rate_limit(
+            task_name, rate_limit,  # type: ignore[arg-type]
+            destination=[worker], reply=True, timeout=CONTROL_TIMEOUT,
+        ),
+        task_name=task_name, rate_limit=rate_limit,
+    )  # fmt: skip
+
+
+def worker_time_limit(
+    *, worker: str, task_name: str, soft: int | None, hard: int | None, user
+) -> list:
+    """Set the soft and hard time limits (s; None: none) of ``task_name`` on ``worker``.
+
+    The worker's task takes them at once (``celery inspect registered time_limit`` shows
+    them), but Celery 5's prefork worker builds each task's request handling at start
+    with the limits of that moment (celery.worker.request.create_request_cls) and uses
+    those until its pool restarts. A run whose job type has limits carries them in its
+    message, and those always win.
+    """
+    action = AuditAction.TIME_LIMIT
+    worker_control_allowed(user=user, action=action, worker=worker, task_name=task_name)
+    _check_task_name(user=user, action=action, worker=worker, task_name=task_name)
+    return _control_checked(
+        action, user, worker,
+        lambda: current_app.control.time_limit(
+            task_name, soft=soft, hard=hard, destination=[worker], reply=True,
+            timeout=CONTROL_TIMEOUT,
+        ),
+        task_name=task_name, soft=soft, hard=hard,
+    )  # fmt: skip
+
+
+def worker_autoscale(*, worker: str, maximum: int, minimum: int, user) -> list:
+    """Change the autoscaler's bounds; only a worker started with --autoscale has one."""
+    action = AuditAction.AUTOSCALE
+    worker_control_allowed(user=user, action=action, worker=worker, max=maximum, min=minimum)
+    return _control_checked(
+        action, user, worker,
+        lambda: current_app.control.autoscale(
+            maximum, minimum, destination=[worker], reply=True, timeout=CONTROL_TIMEOUT
+        ),
+        hint="Only a worker started with --autoscale=MAX,MIN can be autoscaled.",
+        max=maximum, min=minimum,
+    )  # fmt: skip
+
+
+def worker_pool_restart(*, worker: str, user) -> list:
+    """Restart the worker's pool processes (Celery refuses unless worker_pool_restarts)."""
+    action = AuditAction.POOL_RESTART
+    worker_control_allowed(user=user, action=action, worker=worker)
+    return _control_checked(
+        action, user, worker,
+        lambda: current_app.control.pool_restart(
+            destination=[worker], reply=True, timeout=CONTROL_TIMEOUT
+        ),
+        hint="Celery restarts a pool only on a worker whose settings enable it "
+        "(CELERY_WORKER_POOL_RESTARTS = True); Jobsite's settings leave it off.",
+    )  # fmt: skip

@@ -83,7 +83,7 @@ def _mark_silent_workers_lost(lost_after: int) -> int:
     active = Job.objects.filter(
         Q(received_at__lt=cutoff) | Q(started_at__lt=cutoff),
         state__in=[JobState.RECEIVED, JobState.STARTED, JobState.PROGRESS],
-    ).exclude(worker="")
+    ).exclude(worker="").exclude(source=JobSource.EVENTS)  # their workers: events_mark_silent_…
     workers = sorted(set(active.values_list("worker", flat=True)))
     seen = heartbeat.worker_last_seen(workers)
     silent = [name for name in workers if (seen.get(name) or cutoff) <= cutoff]
@@ -181,7 +181,7 @@ def jobs_resend_vanished(*, after: int | None = None, limit: int = VANISHED_SCAN
     rows = (
         Job.objects.filter(state=JobState.PENDING, sent_at__lt=cutoff, received_at__isnull=True)
         .exclude(queue="")
-        .exclude(source=JobSource.WORKFLOW)
+        .exclude(source__in=[JobSource.WORKFLOW, JobSource.EVENTS])  # not Jobsite's to send
         .order_by()
         .values_list("pk", "queue", "options")[:limit]
     )

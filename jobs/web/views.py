@@ -21,11 +21,20 @@ from django_htmx.middleware import HtmxDetails
 
 from jobs import routing, selectors, services, specs, workflows
 from jobs.forms import SubmitOptionsForm
-from jobs.models import JobType
+from jobs.models import AuditAction, JobType
 from jobs.selectors import broker
 from jobs.selectors import workers as worker_info
+from jobs.services import control, fleet
 from jobs.services.messages import submit_rate_message, submit_rate_wait
-from jobs.web.forms import WorkerActionForm
+from jobs.web.forms import (
+    AutoscaleForm,
+    PoolRestartForm,
+    RateLimitForm,
+    RevokeByNameForm,
+    TimeLimitForm,
+    WorkerActionForm,
+    WorkerControlForm,
+)
 
 
 class HtmxHttpRequest(HttpRequest):
@@ -272,9 +281,17 @@ def _history_url(filters: QueryDict) -> str:
 @permission_required("jobs.manage_workers", raise_exception=True)
 @require_GET
 def workers(request: HtmxHttpRequest) -> HttpResponse:
-    context = {"workers": worker_info.workers_inspect_cached(), "queues": routing.ALL_QUEUE_NAMES}
+    return _workers_page(request)
+
+
+def _workers_page(request: HtmxHttpRequest, status: int = 200) -> HttpResponse:
+    context = {
+        "workers": worker_info.workers_inspect_cached(),
+        "queues": routing.ALL_QUEUE_NAMES,
+        "task_names": fleet.task_names_controllable(),
+    }
     template = "jobs/partials/workers_table.html" if request.htmx else "jobs/workers.html"
-    return render(request, template, context)
+    return render(request, template, context, status=status)
 
 
 @permission_required("jobs.manage_workers", raise_exception=True)
@@ -297,6 +314,59 @@ def worker_action(request: HttpRequest) -> HttpResponse:
     else:
         messages.success(request, f"{form.cleaned_data['action']}: {_summarise(replies)}")
     return redirect("jobs-workers")
+
+
+# control -> (its form, the service, its audit action, what the page says when done)
+WORKER_CONTROLS: dict[str, tuple[type[WorkerControlForm], Callable[..., list], str, str]] = {
+    "rate_limit": (
+        RateLimitForm, fleet.worker_rate_limit, AuditAction.RATE_LIMIT, "Rate limit changed"
+    ),
+    "time_limit": (
+        TimeLimitForm, fleet.worker_time_limit, AuditAction.TIME_LIMIT,
+        "Time limits changed (Celery applies them once the worker's pool restarts)",
+    ),
+    "autoscale": (AutoscaleForm, fleet.worker_autoscale, AuditAction.AUTOSCALE, "Autoscale"),
+    "pool_restart": (
+        PoolRestartForm, fleet.worker_pool_restart, AuditAction.POOL_RESTART, "Pool restart"
+    ),
+}  # fmt: skip
+
+
+@require_POST
+def worker_control(request: HtmxHttpRequest, control_name: str) -> HttpResponse:
+    """Task rate/time limits, autoscale, pool restart of one worker (Celery's replies shown).
+
+    Permission first (a refusal is audited), then the input: a bad value is a 400 with
+    the workers page saying what was wrong, and nothing is sent.
+    """
+    if control_name not in WORKER_CONTROLS:
+        raise Http404("No such worker control.")
+    form_class, service, action, done = WORKER_CONTROLS[control_name]
+    fleet.worker_control_allowed(
+        user=request.user, action=action, worker=request.POST.get("worker", "")
+    )
+    form = form_class(request.POST, task_names=fleet.task_names_controllable())
+    if not form.is_valid():
+        messages.error(request, f"Nothing changed: {_form_problems(form)}")
+        return _workers_page(request, status=400)
+    try:
+        replies = service(user=request.user, **form.cleaned_data)
+    except services.ActionError as exc:
+        messages.error(request, f"Nothing changed: {exc}")
+    else:
+        messages.success(request, f"{done}: {_summarise(replies)}")
+    worker_info.workers_forget()
+    return redirect("jobs-workers")
+
+
+def _form_problems(form) -> str:
+    """Every error of a form on one line, each after its field's label."""
+    problems = []
+    for name, errors in form.errors.as_data().items():
+        text = " ".join(message for error in errors for message in error.messages)
+        label = form.fields[name].label if name in form.fields else ""
+        problems.append(f"{label}: {text}" if label else text)
+    return " ".join(problems)
 
 
 @permission_required("jobs.manage_workers", raise_exception=True)
@@ -336,6 +406,48 @@ def queue_action(request: HttpRequest, name: str, action: str) -> HttpResponse:
     except services.ActionError as exc:
         messages.error(request, str(exc))
     return redirect("jobs-queues")
+
+
+# --- Cancel by task name -------------------------------------------------------------
+
+
+@require_http_methods(["GET", "POST"])
+def revoke_by_name(request: HttpRequest) -> HttpResponse:
+    """Cancel every unfinished run of one task that the user can see (jobs.control_jobs)."""
+    task_names = fleet.task_names_controllable()
+    if request.method == "POST":
+        # Refused before the input is read; the service audits the refusal.
+        if not request.user.has_perm("jobs.control_jobs"):
+            control.jobs_revoke_by_name(
+                task_name=request.POST.get("task_name", ""), user=request.user
+            )
+        form = RevokeByNameForm(request.POST, task_names=task_names)
+        if form.is_valid():
+            try:
+                done = control.jobs_revoke_by_name(user=request.user, **form.cleaned_data)
+            except services.ActionError as exc:
+                messages.error(request, str(exc))
+            else:
+                _revoke_report(request, done)
+                return redirect("jobs-revoke-by-name")
+    elif not request.user.has_perm("jobs.control_jobs"):
+        raise PermissionDenied("You may not cancel runs by task name.")
+    else:
+        form = RevokeByNameForm(task_names=task_names)
+    context = {"form": form, "unfinished": control.jobs_unfinished_by_task(user=request.user)}
+    status = 400 if request.method == "POST" else 200
+    return render(request, "jobs/revoke_by_name.html", context, status=status)
+
+
+def _revoke_report(request: HttpRequest, done: control.RevokeByName) -> None:
+    report = f"{done.task_name}: cancelled {len(done.cancelled)} waiting run(s)"
+    if done.terminated:
+        report += f", terminating {len(done.terminated)} running"
+    if done.left_running:
+        report += f"; {done.left_running} already running left alone (tick “Also stop”)"
+    messages.success(request, report + ".")
+    for error in done.errors[:10]:
+        messages.warning(request, error)
 
 
 def _summarise(replies: list) -> str:
