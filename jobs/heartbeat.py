@@ -125,6 +125,33 @@ def workers_heard(within: float = INCARNATION_TTL) -> list[str]:
     return sorted(name.decode() for name in cast(list[bytes], names))
 
 
+# Workers that are not Jobsite's, as the event recorder hears them (their task events and
+# heartbeats): they answer remote-control calls too, so the pages ask them as well.
+FOREIGN_WORKERS_KEY = "jobsite:workers:foreign"
+
+
+def foreign_workers_seen(seen: dict[str, float]) -> None:
+    """Record when each of these workers (not Jobsite's) last sent an event."""
+    if not seen:
+        return
+    with redis.client().pipeline(transaction=False) as pipe:
+        pipe.zadd(FOREIGN_WORKERS_KEY, seen)
+        pipe.zremrangebyscore(FOREIGN_WORKERS_KEY, "-inf", time.time() - NAME_KEPT_SECONDS)
+        pipe.execute()
+
+
+def workers_expected(within: float = INCARNATION_TTL) -> list[str]:
+    """Every worker that should answer a remote-control call now, Jobsite's or not."""
+    names = set(workers_heard(within))
+    try:
+        foreign = redis.client().zrangebyscore(FOREIGN_WORKERS_KEY, time.time() - within, "+inf")
+    except Exception as exc:  # Redis down: Jobsite's own, as far as they are known
+        logger.warning("Could not read foreign workers: %s", exc)
+        foreign = []
+    names.update(name.decode() for name in cast(list[bytes], foreign))
+    return sorted(names)
+
+
 def worker_gone(hostname: str) -> None:
     """A worker that stops cleanly leaves the heard names: no call waits for its reply."""
     redis.client().zrem(WORKERS_KEY, hostname)

@@ -192,6 +192,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A submit must never hang on a dead broker: connect fast, retry briefly, then give
 # up and leave the run stored as unsent (the relay publishes it later).
 CELERY_BROKER_CONNECTION_TIMEOUT = 2
+# RabbitMQ: seconds between AMQP heartbeats (Celery's default, 120). A worker host cut
+# off is noticed by the broker after about twice this; only then do its unacknowledged
+# runs go to other workers (docs/fleet.md). 0: none.
+CELERY_BROKER_HEARTBEAT = env_int("JOBSITE_BROKER_HEARTBEAT", 120, minimum=0)
 CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "max_retries": 2,
     "interval_start": 0,

@@ -31,13 +31,18 @@ from django.conf import settings
 from django.db import close_old_connections
 from kombu import Queue
 
-from jobs import routing
-from jobs.services.events import events_mark_silent_workers_lost, events_store
+from jobs import heartbeat, routing
+from jobs.services.events import (
+    events_mark_silent_workers_lost,
+    events_store,
+    is_jobsite_worker,
+)
 
 logger = logging.getLogger(__name__)
 
 QUEUE_NAME = "jobsite.events.recorder"
 SILENT_CHECK_EVERY = 30.0  # seconds between looks for foreign workers gone silent
+WORKERS_SHARE_EVERY = 5.0  # seconds between writes of who was heard (the workers page)
 
 
 class DurableEventReceiver(EventReceiver):
@@ -105,6 +110,7 @@ class Recorder:
         self.stored = 0
         self.workers: dict[str, float] = {}  # foreign worker -> its last event (epoch s)
         self.last_silent_check = time.monotonic()
+        self.last_shared = 0.0
         self.receiver: DurableEventReceiver | None = None
 
     def on_event(self, event: dict, message=None) -> None:
@@ -128,9 +134,23 @@ class Recorder:
     def on_iteration(self) -> None:
         if self.pending and time.monotonic() - self.first_at >= self.flush_after:
             self.flush()
+        if time.monotonic() - self.last_shared >= WORKERS_SHARE_EVERY:
+            self.last_shared = time.monotonic()
+            self._share_workers()
         if time.monotonic() - self.last_silent_check >= SILENT_CHECK_EVERY:
             self.last_silent_check = time.monotonic()
             self._store(lambda: events_mark_silent_workers_lost(self.workers))
+
+    def _share_workers(self) -> None:
+        """Tell the pages which workers that are not Jobsite's were heard (they answer
+        remote-control calls too)."""
+        now = time.time()
+        recent = {n: at for n, at in self.workers.items() if now - at < heartbeat.INCARNATION_TTL}
+        heard = {n: at for n, at in recent.items() if not is_jobsite_worker(n, now)}
+        try:
+            heartbeat.foreign_workers_seen(heard)
+        except Exception as exc:  # Redis down: the pages ask Jobsite's workers only
+            logger.warning("Could not record the workers heard: %s", exc)
 
     def flush(self) -> None:
         if not self.pending:

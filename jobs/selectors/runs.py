@@ -151,7 +151,10 @@ def job_children(*, job: Job, user) -> list[Job]:
 
 def job_timeline(job: Job) -> list[tuple[str, datetime]]:
     """The run's state transitions with their times, oldest first."""
-    events: list[tuple[str, datetime]] = [("Submitted", job.created_at)]
+    # A run seen through events was submitted elsewhere, when is not known; it was sent
+    # when a task-sent event says so.
+    seen = job.source == JobSource.EVENTS
+    events: list[tuple[str, datetime]] = [] if seen else [("Submitted", job.created_at)]
     if job.sent_at:
         events.append(("Sent to broker", job.sent_at))
     if job.received_at:

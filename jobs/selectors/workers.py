@@ -42,15 +42,21 @@ class WorkerInfo:
     queues: list[str] = field(default_factory=list)
 
 
-def expected_replies() -> int | None:
-    """How many workers should answer a broadcast; None (no limit) when none is known."""
-    return len(heartbeat.workers_heard()) or None
+def _addressed() -> dict:
+    """Whom to ask: the workers known to be there (Jobsite's heartbeats, others' events),
+    by name, with as many replies expected; everyone, for the whole timeout, if none is.
+
+    Asking by name matters: a broadcast that only counts replies takes the first ones to
+    come, and a worker not counted (another codebase's) would push one of them out.
+    """
+    names = heartbeat.workers_expected()
+    return {"destination": names, "limit": len(names)} if names else {}
 
 
 def workers_online(timeout: float = INSPECT_TIMEOUT) -> list[str]:
     """Names of the workers that answer a ping (empty if the broker is down)."""
     try:
-        replies = current_app.control.ping(timeout=timeout, limit=expected_replies()) or []
+        replies = current_app.control.ping(timeout=timeout, **_addressed()) or []
     except Exception as exc:
         logger.warning("Could not ping workers: %s", exc)
         return []
@@ -74,9 +80,9 @@ def workers_forget() -> None:
 def workers_inspect(timeout: float = INSPECT_TIMEOUT) -> list[WorkerInfo]:
     """Everything the workers report about themselves, one entry per online worker."""
     try:
-        # Who is online: as many replies as heartbeats say there are workers, and no
-        # longer; a worker that does not beat (not Jobsite's) is seen when it is early.
-        stats = current_app.control.inspect(timeout=timeout, limit=expected_replies()).stats()
+        # Who is online: the workers heartbeats and events say are there, asked by name,
+        # and no longer than they take to answer.
+        stats = current_app.control.inspect(timeout=timeout, **_addressed()).stats()
         stats = stats or {}
         if not stats:
             return []
@@ -113,5 +119,11 @@ def _info(name: str, stat: Mapping[str, Any], answers: dict) -> WorkerInfo:
         reserved=answers["reserved"].get(name, []),
         scheduled=answers["scheduled"].get(name, []),
         registered=answers["registered"].get(name, []),
-        queues=[q["name"] for q in answers["active_queues"].get(name, [])],
+        # Not the broadcast queue every worker has (routing.BROADCAST_EXCHANGE): Celery's
+        # own, not one to consume or stop.
+        queues=[
+            q["name"]
+            for q in answers["active_queues"].get(name, [])
+            if not str(q.get("name", "")).startswith("bcast.")
+        ],
     )

@@ -71,8 +71,13 @@ def _when(timestamp) -> datetime | None:
         return None
 
 
+EMPTY: dict[str, object] = {"()": (), "[]": [], "{}": {}}
+
+
 def _literal(text):
     """The value a repr stands for, when it is a plain literal (else None)."""
+    if text in EMPTY:
+        return EMPTY[text]
     if not isinstance(text, str) or len(text) > MAX_REPR:
         return None
     try:
@@ -162,17 +167,23 @@ def fold(events: Iterable[dict]) -> dict[str, dict]:
             row.setdefault("sent_at", when)
         elif kind == "task-received":
             row.setdefault("received_at", when)
-            row.setdefault("sent_at", when)
         elif kind == "task-started":
             row.setdefault("started_at", when)
             row["executions"] = max(row["executions"], row["retries"] + 1)
         elif kind == "task-retried":
-            _error(row, event)  # the retry's own received event says how many retries
+            # The worker says so once the attempt is over, which can be after the retry
+            # ran and succeeded: then its error is not the run's. (Its received event
+            # says how many retries.)
+            if row.get("state") not in FINAL:
+                _error(row, event)
         elif kind == "task-succeeded":
             result = event.get("result")
             row["result"] = None if result is None else str(result)[:MAX_REPR]
+            # A retry's error is not the run's: it succeeded.
+            row["error_message"] = row["exception_type"] = row["traceback"] = ""
         elif kind == "task-failed":
-            _error(row, event)
+            if row.get("state") == JobState.FAILURE:
+                _error(row, event)
         elif kind == "task-revoked":
             why = (
                 "expired"
@@ -187,9 +198,14 @@ def fold(events: Iterable[dict]) -> dict[str, dict]:
     return rows
 
 
+# "ValueError('card declined')", as Celery's events carry an exception: its repr.
+EXCEPTION_REPR = re.compile(r"^(?P<type>[\w.]+)\((?P<q>['\"])(?P<message>.*)(?P=q),?\)$", re.DOTALL)
+
+
 def _error(row: dict, event: dict) -> None:
     text = str(event.get("exception") or "")[:MAX_REPR]
-    row["error_message"] = text
+    plain = EXCEPTION_REPR.match(text)
+    row["error_message"] = plain["message"] if plain else text
     row["exception_type"] = _exception_type(text)
     row["traceback"] = str(event.get("traceback") or "")[:MAX_REPR]
 
@@ -260,17 +276,15 @@ COLUMNS_MERGED = {
         "ELSE (CASE WHEN e.executions > j.executions THEN e.executions ELSE j.executions END) END"
     ),
     "result": "CASE WHEN j.state IN ({final}) THEN j.result ELSE COALESCE(e.result, j.result) END",
-    "exception_type": (
-        "CASE WHEN j.state IN ({final}) OR e.exception_type = '' THEN j.exception_type "
-        "ELSE e.exception_type END"
-    ),
-    "error_message": (
-        "CASE WHEN j.state IN ({final}) OR e.error_message = '' THEN j.error_message "
-        "ELSE e.error_message END"
-    ),
-    "traceback": (
-        "CASE WHEN j.state IN ({final}) OR e.traceback = '' THEN j.traceback ELSE e.traceback END"
-    ),
+    # The error of the last failure or retry; none once it succeeded.
+    **{
+        name: (
+            f"CASE WHEN j.state IN ({{final}}) THEN j.{name} "
+            f"WHEN e.state = '{JobState.SUCCESS}' THEN '' "
+            f"WHEN e.{name} = '' THEN j.{name} ELSE e.{name} END"
+        )
+        for name in ("exception_type", "error_message", "traceback")
+    },
     # What the sent or received event says: filled once, with the task's name.
     **{
         name: f"CASE WHEN j.task_name = '' THEN e.{name} ELSE j.{name} END"
@@ -320,7 +334,7 @@ def events_store(events: list[dict]) -> int:
             state=values["state"],
             source=JobSource.EVENTS,
             created_at=values["created_at"],
-            sent_at=values.get("sent_at") or values["created_at"],
+            sent_at=values.get("sent_at"),  # known only from a task-sent event
             received_at=values.get("received_at"),
             started_at=values.get("started_at"),
             finished_at=values.get("finished_at"),
@@ -395,7 +409,7 @@ def events_mark_silent_workers_lost(
         source=JobSource.EVENTS,
         worker__in=silent,
         state__in=[JobState.RECEIVED, JobState.STARTED, JobState.RETRY],
-        sent_at__lt=cutoff,
+        created_at__lt=cutoff,
     ).update(
         state=JobState.LOST,
         finished_at=timezone.now(),

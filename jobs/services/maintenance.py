@@ -80,10 +80,15 @@ def jobs_mark_lost(*, lost_after: int | None = None) -> int:
 def _mark_silent_workers_lost(lost_after: int) -> int:
     now = timezone.now()
     cutoff = now - timedelta(seconds=lost_after)
-    active = Job.objects.filter(
-        Q(received_at__lt=cutoff) | Q(started_at__lt=cutoff),
-        state__in=[JobState.RECEIVED, JobState.STARTED, JobState.PROGRESS],
-    ).exclude(worker="").exclude(source=JobSource.EVENTS)  # their workers: events_mark_silent_…
+    active = (
+        Job.objects.filter(
+            Q(received_at__lt=cutoff) | Q(started_at__lt=cutoff),
+            state__in=[JobState.RECEIVED, JobState.STARTED, JobState.PROGRESS],
+        )
+        .exclude(worker="")
+        # Not Jobsite's workers: the recorder judges them (events_mark_silent_workers_lost).
+        .exclude(source=JobSource.EVENTS)
+    )
     workers = sorted(set(active.values_list("worker", flat=True)))
     seen = heartbeat.worker_last_seen(workers)
     silent = [name for name in workers if (seen.get(name) or cutoff) <= cutoff]

@@ -9,6 +9,7 @@ test worker's messages.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -115,3 +116,24 @@ def test_the_concurrency_benchmark_runs_on_both_brokers(bench_env):
     assert "### Single submits: concurrent client processes" in out
     assert out.count("| redis") == 2
     assert out.count("| rabbitmq") == 2
+
+
+# The event recorder beside Flower's in-memory state (bench/events.py), a tiny stream:
+# both consumers applied every event and the table has numbers.
+def test_the_events_benchmark_runs_the_recorder_beside_flower_s_state(bench_env):
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.events", "--broker", "redis", "--fast"],
+        cwd=ROOT, env=bench_env, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+
+    assert "### Task events: 300 no-op tasks (900 task events)" in out
+    assert "| recorder / Flower" in out
+    for figure in ("events/s sustained", "lag after the last event (s)", "peak RSS, VmHWM"):
+        row = next(line for line in out.splitlines() if f"| {figure}" in line)
+        assert row.startswith("| redis")
+        assert len(re.findall(r"\| [\d,.]+ ", row)) >= 2, row  # recorder and Flower figures
+    applied = next(line for line in out.splitlines() if "| task events applied" in line)
+    assert applied.count("900") == 2, applied
+    assert "INCOMPLETE" not in out

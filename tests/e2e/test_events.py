@@ -189,12 +189,13 @@ def test_a_foreign_worker_s_runs_appear_in_history_with_their_states(foreign, ad
 
     failed = jobs[bad.id]
     assert failed.state == JobState.FAILURE and failed.exception_type == "ValueError"
-    assert "card declined" in failed.error_message
+    assert failed.error_message == "card declined"
     assert "Traceback" in failed.traceback and "raise ValueError(message)" in failed.traceback
 
     again = jobs[retried.id]
     assert again.state == JobState.SUCCESS and again.retries == 1
     assert again.result == "'ok after retry'" and again.executions == 2
+    assert again.error_message == "" and again.traceback == ""  # the retry's is not kept
 
     assert jobs[revoked_id].state == JobState.REVOKED
 
@@ -204,6 +205,24 @@ def test_a_foreign_worker_s_runs_appear_in_history_with_their_states(foreign, ad
     detail = admin_client.get(reverse("jobs-detail", args=[bad.id])).content.decode()
     assert "Seen through events" in detail and "card declined" in detail
     assert "Retry" not in detail.split('id="run-actions"')[-1].split("</div>")[0]
+
+
+def test_the_workers_page_shows_jobsite_s_and_the_other_worker_every_time(foreign, _workers):
+    """A broadcast that counted only Jobsite's heartbeats took the first replies: the
+    other codebase's worker pushed Jobsite's own off the page, one poll in two."""
+    from jobs import heartbeat
+    from jobs.selectors.workers import workers_inspect
+
+    broker, _billing, _worker, _recorder = foreign
+    jobsite_worker = _workers(broker)
+    deadline = time.monotonic() + 20
+    while not any(n.startswith(f"billing-{broker}@") for n in heartbeat.workers_expected()):
+        assert time.monotonic() < deadline, "the recorder did not share the worker it heard"
+        time.sleep(0.5)
+    for _ in range(4):
+        names = [w.name for w in workers_inspect()]
+        assert any(n.startswith(f"billing-{broker}@") for n in names), names
+        assert any(n.startswith(f"{jobsite_worker.name}@") for n in names), names
 
 
 def test_the_recorder_killed_mid_stream_loses_no_run(foreign):

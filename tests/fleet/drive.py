@@ -25,7 +25,7 @@ from django.contrib.sessions.backends.db import SessionStore  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
 from jobs import services  # noqa: E402
-from jobs.models import FINISHED_STATES, Job, JobType  # noqa: E402
+from jobs.models import FINISHED_STATES, Job, JobLog, JobType  # noqa: E402
 
 QUEUE = "fleetq"
 
@@ -66,7 +66,9 @@ def status(token: str) -> None:
         rows.exclude(state__in=FINISHED_STATES).values_list("params__subject", "state")[:50]
     )
     executions = sum(1 for e in rows.values_list("executions", flat=True) if e > 1)
-    print(json.dumps({"states": states, "stuck": stuck, "executed_again": executions}))
+    resent = JobLog.objects.filter(job__in=rows, logger="jobsite.relay").count()
+    print(json.dumps({"states": states, "stuck": stuck, "executed_again": executions,
+                      "resent": resent}))  # fmt: skip
 
 
 def reconcile() -> None:

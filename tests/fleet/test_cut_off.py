@@ -1,18 +1,20 @@
 """A worker host cut off from the fleet mid-drain, then healed (issue 22, item 2).
 
 Hosts (network namespaces on one bridge, tests/fleet/netns.py): ``db`` (private
-PostgreSQL and Redis, the broker), ``web`` (runserver; the test's driver runs here) and
-two worker hosts. While FLEET_RUNS guarded mail runs drain (the mail, a file per run in
-the worker host's own directory, is the side effect outside the database), host ``w2``
-loses its cable for FLEET_CUT seconds, longer than the Redis visibility timeout (3 s
-here), and comes back.
+PostgreSQL and Redis, and on the RabbitMQ run a private RabbitMQ node: the broker), ``web``
+(runserver; the test's driver runs here) and two worker hosts. While FLEET_RUNS guarded
+mail runs drain (the mail, a file per run in the worker host's own directory, is the side
+effect outside the database), host ``w2`` loses its cable for FLEET_CUT seconds — longer
+than the Redis visibility timeout (3 s here), or, on RabbitMQ, than the broker's
+heartbeat timeout (heartbeats every 3 s here; the cut is at least 20 s) — and comes back.
 
 Asserted: no run lost (each mail written at least once, on some host), every run
 SUCCESS, the workers page (HTTP GET to the web host, logged in) drops w2 within 30 s of
 the cut and shows it again within 30 s of the heal; duplicates are counted and printed.
 
-CI: JOBSITE_FLEET_TESTS=1 python -m pytest -s tests/fleet (root). The long run:
-    JOBSITE_FLEET_TESTS=1 FLEET_RUNS=2000 FLEET_CUT=20 python -m pytest -s tests/fleet
+In CI and by default wherever the tests run as root with iproute2 (JOBSITE_FLEET_TESTS=0
+leaves them out). The long run:
+    FLEET_RUNS=2000 FLEET_CUT=20 python -m pytest -s tests/fleet
 """
 
 from __future__ import annotations
@@ -26,19 +28,27 @@ import uuid
 
 import pytest
 
-from tests.e2e.servers import PrivatePostgres, PrivateRedis
+from tests.e2e.servers import PrivatePostgres, PrivateRabbitMQ, PrivateRedis
 
 pytestmark = [pytest.mark.broker, pytest.mark.fleet]
 
 RUNS = int(os.environ.get("FLEET_RUNS", "400"))
 CUT = float(os.environ.get("FLEET_CUT", "12"))  # seconds; the visibility timeout is 3
 SEEN_WITHIN = 30.0  # seconds: the workers page drops / shows again a host
-pytestmark.append(pytest.mark.timeout(int(180 + RUNS * 0.2 + CUT)))
+pytestmark.append(pytest.mark.timeout(int(240 + RUNS * 0.2 + max(CUT, 20))))
 FAST = {
     "JOBSITE_REDIS_VISIBILITY_TIMEOUT": "3",
     "JOBSITE_REDIS_RESTORE_INTERVAL": "1",
     "JOBSITE_REDIS_RESTORE_THROTTLE": "1",
+    # A message Redis handed to w2 as the cable went (the BRPOP reply lost: kombu#305) is
+    # on no list and in no unacknowledged hash: the reconciliation sends it again after
+    # this (beat: 120 s).
+    "JOBSITE_REDIS_RESEND_AFTER": "5",
+    # RabbitMQ: heartbeats every 3 s, so the node closes a silent worker's connection
+    # (and hands its unacknowledged runs to the other worker) within about 6-9 s.
+    "JOBSITE_BROKER_HEARTBEAT": "3",
 }
+RABBITMQ_CUT = 20.0  # seconds: longer than the broker's heartbeat timeout
 PAGE = (
     "import sys, urllib.request\n"
     "request = urllib.request.Request(sys.argv[1], headers={'Host': 'localhost',"
@@ -56,20 +66,28 @@ def mails(fleet, host: str = "*") -> collections.Counter:
     return sent
 
 
-def test_a_worker_host_cut_off_on_redis(fleet, request):
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_worker_host_cut_off(fleet, request, broker):
     db = fleet.add("db", 2)
     web = fleet.add("web", 10)
     workers = [fleet.add("w1", 11), fleet.add("w2", 12)]
     postgres = PrivatePostgres(db.address, db.netns)
     redis = PrivateRedis(db.address, db.netns)
-    for server in (postgres, redis):
+    servers: list = [postgres, redis]
+    broker_url = redis.url
+    if broker == "rabbitmq":
+        rabbitmq = PrivateRabbitMQ(db.address, db.netns)
+        servers.append(rabbitmq)
+        broker_url = rabbitmq.url
+    for server in servers:
         request.addfinalizer(server.remove)
-        server.start()
+        server.start(timeout=120)
+    cut = CUT if broker == "redis" else max(CUT, RABBITMQ_CUT)
     env = {
         **os.environ, **FAST,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "DATABASE_URL": postgres.url,
-        "CELERY_BROKER_URL": redis.url, "TEST_REDIS_URL": redis.url,
+        "CELERY_BROKER_URL": broker_url, "TEST_REDIS_URL": redis.url,
         "JOBSITE_REDIS_URL": redis.url.removesuffix("/0") + "/1",
         "DJANGO_EMAIL_BACKEND": "django.core.mail.backends.filebased.EmailBackend",
         "PYTHONUNBUFFERED": "1",
@@ -121,7 +139,7 @@ def test_a_worker_host_cut_off_on_redis(fleet, request):
     workers[1].cut()
     cut_at = time.monotonic()
     gone_after = until(lambda: not page_shows("w2"), SEEN_WITHIN)
-    while time.monotonic() - cut_at < CUT:
+    while time.monotonic() - cut_at < cut:
         drive("reconcile")
         time.sleep(1)
     workers[1].heal()
@@ -138,11 +156,12 @@ def test_a_worker_host_cut_off_on_redis(fleet, request):
     lost = [s for s in subjects if sent[s] == 0]
     twice = [s for s in subjects if sent[s] > 1]
     print(
-        f"\nfleet redis cut-off: runs={RUNS} cut={CUT:.0f}s mails before the cut={held} "
+        f"\nfleet {broker} cut-off: runs={RUNS} cut={cut:.0f}s mails before the cut={held} "
         f"page dropped w2 after {gone_after:.1f}s, showed it again {back_after:.1f}s after "
         f"the heal; mails by w2={by_w2} lost={len(lost)} sent twice={len(twice)} "
-        f"executions>1={figures['executed_again']} states={figures['states']} "
+        f"executions>1={figures['executed_again']} resent={figures['resent']} "
+        f"states={figures['states']} "
         f"time={time.monotonic() - started:.0f}s"
     )
-    assert not lost, f"{len(lost)} runs never sent their mail: {lost[:20]}"
+    assert not lost, f"{len(lost)} runs never sent their mail: {lost[:20]}; {figures}"
     assert figures["states"] == {"SUCCESS": RUNS}, figures["stuck"]

@@ -32,7 +32,8 @@ def test_the_follow_up_calls_ask_exactly_the_workers_that_answered(worker, monke
     monkeypatch.setattr(current_app.control, "inspect", spy)
     found = workers.workers_inspect()
 
-    assert asked[0].get("destination") is None  # discovery: whoever answers
+    # Discovery asks the workers heartbeats and events name (everyone if none is known).
+    assert asked[0].get("destination") == (heartbeat.workers_expected() or None)
     names = sorted(w.name for w in found)
     assert asked[1]["destination"] == names and asked[1]["limit"] == len(names)
 
@@ -48,7 +49,10 @@ def _heard_only(*names: str) -> None:
 
 
 def _live_name(worker) -> str:
-    online = workers.workers_online(timeout=2)
+    from celery import current_app
+
+    # Everyone who answers, whatever the heartbeats say (another test may have set them).
+    online = [name for reply in current_app.control.ping(timeout=2) for name in reply]
     (name,) = [n for n in online if n.startswith(f"test-{worker.broker}@")]
     return name
 
@@ -86,3 +90,14 @@ def test_the_workers_page_shares_one_inspection_until_an_action_forgets_it(monke
     workers.workers_inspect_cached()
 
     assert len(calls) == 2
+
+
+def test_a_worker_heard_through_events_is_asked_too(worker):
+    name = _live_name(worker)
+    _heard_only(name)
+    redis.client().delete(heartbeat.FOREIGN_WORKERS_KEY)
+    heartbeat.foreign_workers_seen({"billing@elsewhere": time.time(), "old@gone": 1.0})
+    try:
+        assert heartbeat.workers_expected() == sorted([name, "billing@elsewhere"])
+    finally:
+        redis.client().delete(heartbeat.FOREIGN_WORKERS_KEY)

@@ -113,7 +113,8 @@ def test_retries_and_failure_with_traceback():
         ev("retried", task_id, now + 0.2, exception="RuntimeError('first')", traceback=trace),
     ])  # fmt: skip
     job = Job.objects.get(pk=task_id)
-    assert job.state == JobState.RETRY and job.error_message == "RuntimeError('first')"
+    assert job.state == JobState.RETRY and job.error_message == "first"
+    assert job.exception_type == "RuntimeError"
     store.events_store([
         ev("received", task_id, now + 1, name="other.flaky", args="()", kwargs="{}", retries=1),
         ev("started", task_id, now + 1.1),
@@ -121,9 +122,29 @@ def test_retries_and_failure_with_traceback():
     ])  # fmt: skip
     job.refresh_from_db()
     assert job.state == JobState.FAILURE
-    assert job.exception_type == "ValueError" and job.error_message == "ValueError('no')"
+    assert job.exception_type == "ValueError" and job.error_message == "no"
     assert "Traceback" in job.traceback
     assert job.retries == 1 and job.executions == 2
+
+
+def test_a_run_that_succeeds_after_a_retry_has_no_error():
+    task_id, now = str(uuid.uuid4()), time.time() - 10
+    store.events_store([
+        ev("received", task_id, now, name="other.flaky", args="()", kwargs="{}", retries=0),
+        ev("retried", task_id, now + 0.2, exception="RuntimeError('first')", traceback="T"),
+    ])  # fmt: skip
+    store.events_store([
+        ev("received", task_id, now + 1, name="other.flaky", args="()", kwargs="{}", retries=1),
+        ev("succeeded", task_id, now + 1.5, result="'ok'"),
+    ])  # fmt: skip
+    job = Job.objects.get(pk=task_id)
+    assert job.state == JobState.SUCCESS and job.retries == 1
+    assert (job.exception_type, job.error_message, job.traceback) == ("", "", "")
+    assert job.sent_at is None  # no task-sent event: when it was sent is not known
+    # The worker's task-retried event may come after the retry already succeeded.
+    store.events_store([ev("retried", task_id, now + 2, exception="RuntimeError('x')")])
+    job.refresh_from_db()
+    assert job.state == JobState.SUCCESS and job.error_message == ""
 
 
 def test_revoked_and_rejected():
