@@ -233,7 +233,7 @@ def jobs_revoke_by_name(*, task_name: str, user, terminate: bool = False) -> Rev
         audit_record(actor=user, action=action, target_type="task", target_id=task_name[:255],
                      outcome=AuditOutcome.DENIED)  # fmt: skip
         raise PermissionDenied("You may not cancel runs by task name.")
-    if task_name not in task_names_controllable():
+    if task_name not in revocable_task_names(user=user):
         audit_record(actor=user, action=action, target_type="task", target_id=task_name[:255],
                      outcome=AuditOutcome.FAILED, details={"error": "unknown task"})  # fmt: skip
         raise ActionError(f"Unknown task “{task_name}”: choose one of the tasks in the list.")
@@ -301,3 +301,12 @@ def jobs_unfinished_by_task(*, user) -> list[dict]:
         .order_by("task_name")
     )
     return list(rows)
+
+
+def revocable_task_names(*, user) -> list[str]:
+    """The task names one may cancel by: the app's, and those of unfinished runs the user
+    sees (runs of other codebases' workers, seen through events). Only matched against
+    the history; never sent to workers as a task name."""
+    names = set(task_names_controllable())
+    names.update(row["task_name"] for row in jobs_unfinished_by_task(user=user) if row["task_name"])
+    return sorted(names)

@@ -11,7 +11,7 @@ from celery import current_app
 from django.core.exceptions import PermissionDenied
 from django.utils import timezone
 
-from jobs import redis, specs
+from jobs import heartbeat, redis, specs
 from jobs.models import (
     AuditAction,
     AuditOutcome,
@@ -140,12 +140,22 @@ def worker_control(*, worker: str, action: str, user, queue: str = "", n: int = 
 CONTROL_TIMEOUT = 2.0  # seconds a control waits for the worker's reply
 
 
-def task_names_controllable() -> list[str]:
-    """The task names a control may name: the catalogue's and the tasks this app registers.
+def task_names_controllable(worker: str | None = None) -> list[str]:
+    """The task names a control may name: the catalogue's and the tasks this app registers,
+    or, for one worker, the tasks that worker reports it has (another codebase's worker
+    runs tasks this app does not know).
 
     Forms offer only these and the services check again, so no string a user typed is
     ever sent to workers as a task name. Celery's built-ins (``celery.*``) are left out.
     """
+    if worker:
+        from jobs.selectors.workers import workers_inspect_cached
+
+        for info in workers_inspect_cached():
+            if info.name == worker and info.registered:
+                # Celery lists "name [rate_limit=...]" when asked for attributes.
+                names = {str(entry).split(" ", 1)[0] for entry in info.registered}
+                return sorted(name for name in names if not name.startswith("celery."))
     names = {spec.task_name for spec in specs.all_specs()}
     names.update(name for name in current_app.tasks if not name.startswith("celery."))
     return sorted(names)
@@ -163,7 +173,7 @@ def worker_control_allowed(*, user, action: str, worker: str, **details) -> None
 
 
 def _check_task_name(*, user, action: str, worker: str, task_name: str) -> None:
-    if task_name in task_names_controllable():
+    if task_name in task_names_controllable(worker):
         return
     audit_record(
         actor=user, action=action, target_type="worker", target_id=worker,
@@ -243,22 +253,24 @@ def worker_time_limit(
 ) -> list:
     """Set the soft and hard time limits (s; None: none) of ``task_name`` on ``worker``.
 
-    The worker's task takes them at once (``celery inspect registered time_limit`` shows
-    them), but Celery 5's prefork worker builds each task's request handling at start
-    with the limits of that moment (celery.worker.request.create_request_cls) and uses
-    those until its pool restarts. A run whose job type has limits carries them in its
-    message, and those always win.
+    Jobsite's workers get ``jobsite_time_limit`` (jobs.worker.control): Celery's
+    ``time_limit`` and then the task strategies rebuilt, so the next runs are cut off by
+    the new limits (Celery's alone leaves a prefork worker on the limits it started with
+    until its pool restarts). Another codebase's worker gets Celery's own command. A run
+    whose job type has limits carries them in its message, and those always win.
     """
     action = AuditAction.TIME_LIMIT
     worker_control_allowed(user=user, action=action, worker=worker, task_name=task_name)
     _check_task_name(user=user, action=action, worker=worker, task_name=task_name)
+    jobsite_worker = heartbeat.worker_last_seen([worker]).get(worker) is not None
+    command = "jobsite_time_limit" if jobsite_worker else "time_limit"
     return _control_checked(
         action, user, worker,
-        lambda: current_app.control.time_limit(
-            task_name, soft=soft, hard=hard, destination=[worker], reply=True,
-            timeout=CONTROL_TIMEOUT,
+        lambda: current_app.control.broadcast(
+            command, arguments={"task_name": task_name, "soft": soft, "hard": hard},
+            destination=[worker], reply=True, timeout=CONTROL_TIMEOUT,
         ),
-        task_name=task_name, soft=soft, hard=hard,
+        task_name=task_name, soft=soft, hard=hard, command=command,
     )  # fmt: skip
 
 

@@ -285,10 +285,11 @@ def workers(request: HtmxHttpRequest) -> HttpResponse:
 
 
 def _workers_page(request: HtmxHttpRequest, status: int = 200) -> HttpResponse:
+    found = worker_info.workers_inspect_cached()
     context = {
-        "workers": worker_info.workers_inspect_cached(),
+        # Each card offers the tasks its worker has (another codebase's worker: its own).
+        "workers": [(w, fleet.task_names_controllable(w.name)) for w in found],
         "queues": routing.ALL_QUEUE_NAMES,
-        "task_names": fleet.task_names_controllable(),
     }
     template = "jobs/partials/workers_table.html" if request.htmx else "jobs/workers.html"
     return render(request, template, context, status=status)
@@ -323,7 +324,7 @@ WORKER_CONTROLS: dict[str, tuple[type[WorkerControlForm], Callable[..., list], s
     ),
     "time_limit": (
         TimeLimitForm, fleet.worker_time_limit, AuditAction.TIME_LIMIT,
-        "Time limits changed (Celery applies them once the worker's pool restarts)",
+        "Time limits changed (for the runs it starts from now)",
     ),
     "autoscale": (AutoscaleForm, fleet.worker_autoscale, AuditAction.AUTOSCALE, "Autoscale"),
     "pool_restart": (
@@ -345,7 +346,8 @@ def worker_control(request: HtmxHttpRequest, control_name: str) -> HttpResponse:
     fleet.worker_control_allowed(
         user=request.user, action=action, worker=request.POST.get("worker", "")
     )
-    form = form_class(request.POST, task_names=fleet.task_names_controllable())
+    worker = request.POST.get("worker", "")
+    form = form_class(request.POST, task_names=fleet.task_names_controllable(worker or None))
     if not form.is_valid():
         messages.error(request, f"Nothing changed: {_form_problems(form)}")
         return _workers_page(request, status=400)
@@ -414,7 +416,7 @@ def queue_action(request: HttpRequest, name: str, action: str) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def revoke_by_name(request: HttpRequest) -> HttpResponse:
     """Cancel every unfinished run of one task that the user can see (jobs.control_jobs)."""
-    task_names = fleet.task_names_controllable()
+    task_names = control.revocable_task_names(user=request.user)
     if request.method == "POST":
         # Refused before the input is read; the service audits the refusal.
         if not request.user.has_perm("jobs.control_jobs"):

@@ -19,6 +19,7 @@ from django.db import close_old_connections
 from jobs.models import AuditAction, AuditOutcome
 from jobs.services import audit_record
 from jobs.worker import buffer, commit, compression, quorum
+from jobs.worker import control as _control  # noqa: F401  (registers its remote-control commands)
 
 logger = logging.getLogger(__name__)
 

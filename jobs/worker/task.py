@@ -15,6 +15,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import redis
 from celery import Task, current_task, states
 from celery.exceptions import Ignore
 from django.conf import settings
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 guard_logger = logging.getLogger("jobsite.guard")  # not ignored by the log capture
 
 REFUSED = "Parameters refused by the worker"
+# Seconds a run waits for the guard's Redis before it fails (a restart, a network cut).
+GUARD_RIDE_OUT = 60.0
 
 
 class ParametersRefused(Exception):
@@ -59,7 +62,7 @@ class JobTask(Task):
         if request.id and not request.is_eager:
             if self.jobsite_guard:
                 self._claim(request)
-            elif guard.is_revoked(request.id):
+            elif self._guard(guard.is_revoked, request.id):
                 self._skip_cancelled(request.id)
             kwargs = self._checked_params(kwargs)
         return super().__call__(*args, **kwargs)
@@ -110,21 +113,51 @@ class JobTask(Task):
         self._stored(record_state, task_id, states.REVOKED, result, None, self.request)
         raise Ignore()
 
+    def _guard(self, call, *args):
+        """A call to the guard's Redis that rides out Redis being away for a moment.
+
+        Cut off from Redis (a host losing the network, Redis restarting), the claim
+        failed the run with the job's code never run, while the broker handed the
+        message to another worker that saw the marker — set by the claim whose reply was
+        lost — and skipped it as a duplicate: a FAILURE and nothing done. The call is
+        tried again with backoff for GUARD_RIDE_OUT seconds; a claim tried again finds
+        this process's own marker and takes it over (_holder_alive: not another live
+        process).
+        """
+        deadline = time.monotonic() + GUARD_RIDE_OUT
+        delay = 0.2
+        while True:
+            try:
+                return call(*args)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("The guard's Redis did not answer (%s): again in %.1f s", exc,
+                               delay)  # fmt: skip
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     def _claim(self, request) -> None:
         hostname = request.hostname or socket.gethostname()
-        claim = guard.claim(request.id, hostname)
+        claim = self._guard(guard.claim, request.id, hostname)
         if claim.outcome == "busy" and not self._holder_alive(claim, hostname):
             seen = claim
             # Changed meanwhile: taken over by another process, or dropped by the
             # reconciler (jobs.services.jobs_reclaim_orphans), so ask once more.
-            claim = guard.take_over(request.id, claim.value, hostname) or guard.claim(
-                request.id, hostname
+            claim = self._guard(guard.take_over, request.id, claim.value, hostname) or (
+                self._guard(guard.claim, request.id, hostname)
             )
             if claim.outcome == "claimed" and self._stored(job_is_final, request.id):
                 # Its final state was stored, but its holder died before marking it
                 # done: at most once after the final state, so it does not run again.
                 guard.finish(request.id, claim.value)
                 claim = guard.Claim("done")
+            elif (
+                claim.outcome == "claimed"
+                and seen.holder
+                and seen.holder[1:] == (guard.INSTANCE, os.getpid())
+            ):
+                pass  # our own claim, whose reply was lost (_guard): nobody died
             elif claim.outcome == "claimed":
                 holder = seen.holder
                 assert holder is not None  # a busy claim's marker names its holder

@@ -44,3 +44,18 @@ def test_event_from_message_returns_the_type_and_the_adjusted_event():
     assert kind == "task-succeeded"
     assert event["uuid"] == "u" and abs(event["timestamp"] - now) < 1
     assert event["local_received"] > 0
+
+
+def test_request_classes_keep_the_limits_they_were_made_with_until_strategies_are_rebuilt():
+    """Internals entry 77: why jobsite_time_limit rebuilds the consumer's strategies."""
+    from celery.worker import control as celery_control
+    from celery.worker.consumer.consumer import Consumer
+    from celery.worker.request import create_request_cls
+
+    source = inspect.getsource(create_request_cls)
+    assert "default_time_limit = task.time_limit" in source  # read once, when it is made
+    assert "default_soft_time_limit = task.soft_time_limit" in source
+    assert "timeout=time_limit or default_time_limit" in source
+    parameters = list(inspect.signature(celery_control.time_limit).parameters)
+    assert parameters[:4] == ["state", "task_name", "hard", "soft"]
+    assert "start_strategy" in inspect.getsource(Consumer.update_strategies)

@@ -31,6 +31,7 @@ from kombu import Connection
 
 from jobs.events.recorder import QUEUE_NAME
 from jobs.models import Job, JobSource, JobState
+from jobsite.celery import app as jobsite_app
 from tests.conftest import BROKERS, ROOT, _reachable, service_unavailable, use_broker
 
 pytestmark = [pytest.mark.broker]
@@ -143,6 +144,10 @@ def foreign(request, _workers, transactional_db, tmp_path):
     try:
         import billing  # the client: the same plain app, in this process
 
+        # A new Celery app makes itself the current one: Jobsite's stays current here.
+        jobsite_app.set_current()
+        jobsite_app.set_default()
+
         recorder.start()
         worker.start()
         yield broker, billing, worker, recorder
@@ -250,3 +255,48 @@ def test_the_recorder_killed_mid_stream_loses_no_run(foreign):
         after = [billing.add.delay(1, 1).id for _ in range(20)]
         jobs = wait_rows(after, [JobState.SUCCESS], timeout=60)
         assert len(jobs) == len(after), recorder.output()
+
+
+def test_a_foreign_worker_s_own_task_gets_its_rate_limit(foreign, admin_client):
+    """The workers page offers each worker the tasks it reports (another codebase's:
+    its own), and Celery's own inspection shows the change on that worker."""
+    import socket
+
+    from jobs import heartbeat
+    from jobs.selectors.workers import workers_forget
+
+    broker, billing, _worker, _recorder = foreign
+    node = f"billing-{broker}@{socket.gethostname()}"
+    deadline = time.monotonic() + 20
+    while node not in heartbeat.workers_expected():
+        assert time.monotonic() < deadline, "the recorder did not share the worker it heard"
+        time.sleep(0.5)
+    workers_forget()
+    page = admin_client.get(reverse("jobs-workers")).content.decode()
+    assert '<option value="billing.add">' in page
+    done = admin_client.post(
+        reverse("jobs-worker-control", args=["rate_limit"]),
+        {"worker": node, "task_name": "billing.add", "rate_limit": "5/m"},
+        follow=True,
+    ).content.decode()
+    assert "Rate limit changed" in done, done[-3000:]
+    listed = billing.app.control.inspect(destination=[node], timeout=3).registered("rate_limit")
+    assert "billing.add [rate_limit=5/m]" in listed[node]
+    refused = admin_client.post(
+        reverse("jobs-worker-control", args=["rate_limit"]),
+        {"worker": node, "task_name": "billing.nope", "rate_limit": "5/m"},
+    )
+    assert refused.status_code == 400  # not a task that worker has: nothing sent
+
+
+def test_waiting_runs_of_a_foreign_task_are_cancelled_by_its_name(foreign, admin_client):
+    _broker, billing, _worker, _recorder = foreign
+    held = billing.slow.apply_async((30,), countdown=120)  # the worker holds it (ETA)
+    assert wait_rows([held.id], [JobState.RECEIVED]), "the recorder did not see it received"
+    page = admin_client.get(reverse("jobs-revoke-by-name")).content.decode()
+    assert '<option value="billing.slow">' in page  # offered: unfinished runs of it exist
+    admin_client.post(reverse("jobs-revoke-by-name"), {"task_name": "billing.slow"})
+    assert Job.objects.get(pk=held.id).state == JobState.REVOKED
+    node = Job.objects.get(pk=held.id).worker
+    revoked = billing.app.control.inspect(destination=[node], timeout=3).revoked()
+    assert held.id in revoked[node]  # the other codebase's worker will not run it

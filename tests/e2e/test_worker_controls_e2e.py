@@ -44,7 +44,10 @@ def own_worker(_workers, transactional_db, live_broker):
     worker.queue = queue  # type: ignore[attr-defined]
     worker.node = f"{worker.name}@{socket.gethostname()}"  # type: ignore[attr-defined]
     yield worker
-    worker.kill()  # it holds runs on purpose; nothing of it needs a warm shutdown
+    # A warm shutdown: the runs it holds (ETA) go back to its queue, which is then
+    # deleted; killed, they would stay in Redis's unacknowledged hash, which other tests
+    # count.
+    worker.stop()
     with celery_app.connection_for_write(url) as conn, contextlib.suppress(Exception):
         conn.default_channel.queue_delete(queue)
     use_broker(BROKERS["redis"])
@@ -86,15 +89,17 @@ def test_the_new_controls_change_the_real_worker(own_worker, operator_client):
     worker, node = own_worker, own_worker.node
     target = ["--destination", node]
 
-    # Time limits: the worker's task now has them, as Celery's own listing shows. (A run
-    # is not cut off by them yet: Celery 5's prefork worker applies the limits its task
-    # had when the worker started, until its pool restarts; the page says so.)
+    # Time limits: the worker's task now has them, as Celery's own listing shows, and
+    # the next run is cut off by them (Celery's own command alone leaves a prefork worker
+    # on the limits it started with until its pool restarts: jobs.worker.control).
     page = post(operator_client, "time_limit", worker=node, task_name="jobs.long_sleep",
                 soft=1, hard=3)  # fmt: skip
     assert "Time limits changed" in page
     listed = celery("inspect", "registered", "soft_time_limit", "time_limit", *target,
                     env=worker.env)  # fmt: skip
     assert "jobs.long_sleep [soft_time_limit=1 time_limit=3]" in listed
+    cut = wait_for(call(worker, "jobs.long_sleep", "--kwargs", '{"seconds": 30}'), timeout=15)
+    assert cut.state == "FAILURE" and "TimeLimitExceeded" in cut.exception_type, cut.exception_type
 
     # Rate limit: Celery lists it, and a second run waits while a later one of another
     # task runs.

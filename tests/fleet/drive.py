@@ -67,8 +67,14 @@ def status(token: str) -> None:
     )
     executions = sum(1 for e in rows.values_list("executions", flat=True) if e > 1)
     resent = JobLog.objects.filter(job__in=rows, logger="jobsite.relay").count()
+    failed = [
+        (subject, kind, message[:300], worker)
+        for subject, kind, message, worker in rows.filter(state="FAILURE").values_list(
+            "params__subject", "exception_type", "error_message", "worker"
+        )[:10]
+    ]
     print(json.dumps({"states": states, "stuck": stuck, "executed_again": executions,
-                      "resent": resent}))  # fmt: skip
+                      "resent": resent, "failed": failed}))  # fmt: skip
 
 
 def reconcile() -> None:

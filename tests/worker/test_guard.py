@@ -231,3 +231,34 @@ def test_cancel_markers_from_before_the_index_are_indexed_once(monkeypatch):
     assert guard.RevokedRuns().contains(legacy)  # from the index
     assert 0 < r.zscore(markers.REVOKED_INDEX, legacy) - markers.now_ms() <= 60_000
     assert guard.index_legacy_markers() == 0  # once per Redis
+
+
+def test_a_claim_whose_reply_was_lost_is_tried_again_and_taken(monkeypatch):
+    """Redis away for a moment (a network cut): the claim reached Redis, its reply did
+    not. Tried again, the process finds its own marker and takes it, instead of failing
+    the run while the redelivered copy elsewhere skips it as a duplicate."""
+    import redis as redis_py
+
+    from jobs.worker import task as task_module
+
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    task_id = str(uuid.uuid4())
+    real_claim, calls = guard.claim, []
+
+    def claim_then_lose_the_reply(run_id, hostname):
+        calls.append(run_id)
+        if len(calls) == 1:
+            real_claim(run_id, hostname)  # the SET happened
+            raise redis_py.TimeoutError("Timeout reading from socket")
+        return real_claim(run_id, hostname)
+
+    job_task = generate_report._get_current_object()
+    claim = job_task._guard(claim_then_lose_the_reply, task_id, "w2@host")
+    assert claim.outcome == "busy" and claim.holder[1:] == (guard.INSTANCE, os.getpid())
+    assert not job_task._holder_alive(claim, "w2@host")  # our own marker: take it over
+    taken = guard.take_over(task_id, claim.value, "w2@host")
+    assert taken is not None and taken.outcome == "claimed"
+
+    monkeypatch.setattr(task_module, "GUARD_RIDE_OUT", 0.0)
+    with pytest.raises(redis_py.ConnectionError):  # away for longer: the run fails, said so
+        job_task._guard(lambda: (_ for _ in ()).throw(redis_py.ConnectionError("down")))
