@@ -11,6 +11,8 @@ must exist as well (a SIGKILLed worker's key outlives it by up to INCARNATION_TT
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import socket
@@ -36,6 +38,54 @@ def beat_last_seen() -> datetime | None:
     except Exception:  # Redis down: unknown, not an error page
         return None
     return datetime.fromtimestamp(float(raw), tz=UTC) if raw else None
+
+
+# Every beat, active or standing by, reports itself each tick (a hash: "host:pid" -> its
+# role, since when, its last tick and its last send), for the pages: which beat holds
+# the lock, which stand by, and a takeover when it happens.
+BEATS_KEY = "jobsite:beats"
+BEAT_FORGOTTEN_AFTER = 600.0  # seconds without a tick: a beat that is gone is dropped
+
+
+def beat_report(role: str, since: float, sent_at: float | None = None) -> None:
+    """This beat's role (``active`` or ``standby``) since ``since`` (epoch s), now."""
+    report = {"host": MACHINE, "pid": os.getpid(), "role": role, "since": since,
+              "tick": time.time(), "sent": sent_at}  # fmt: skip
+    with redis.client().pipeline(transaction=False) as pipe:
+        pipe.hset(BEATS_KEY, f"{MACHINE}:{os.getpid()}", json.dumps(report))
+        pipe.expire(BEATS_KEY, int(BEAT_FORGOTTEN_AFTER))
+        pipe.execute()
+
+
+def beat_gone() -> None:
+    """This beat stops: it is no longer listed."""
+    redis.client().hdel(BEATS_KEY, f"{MACHINE}:{os.getpid()}")
+
+
+def beats_reported(now: float | None = None) -> list[dict]:
+    """The beats that reported within BEAT_FORGOTTEN_AFTER, the latest tick first."""
+    now = time.time() if now is None else now
+    try:
+        raw = cast(dict[bytes, bytes], redis.client().hgetall(BEATS_KEY))
+    except Exception as exc:  # Redis down: none known
+        logger.warning("Could not read the beats' reports: %s", exc)
+        return []
+    found: list[dict] = []
+    old: list[bytes] = []
+    for name, value in raw.items():
+        try:
+            report = json.loads(value)
+            fresh = now - float(report["tick"]) <= BEAT_FORGOTTEN_AFTER
+        except (ValueError, KeyError, TypeError):
+            fresh = False
+        if fresh:
+            found.append(report)
+        else:
+            old.append(name)
+    if old:
+        with contextlib.suppress(Exception):
+            redis.client().hdel(BEATS_KEY, *old)
+    return sorted(found, key=lambda r: -float(r["tick"]))
 
 
 # --- Worker heartbeats ------------------------------------------------------------

@@ -87,6 +87,8 @@ class JobsiteScheduler(DatabaseScheduler):
         # thread_local=False: beat's sync at shutdown may run outside the ticking thread.
         self._lock = redis.client().lock(LOCK_NAME, timeout=self.lock_ttl, thread_local=False)
         self._role: str | None = None  # "active" or "standby", for logging transitions
+        self._role_since = time.time()  # when it took its role (for the pages)
+        self._sent_at: float | None = None  # when it last sent a run
         self._held_at = self._changes_checked_at = float("-inf")
         self.lead: float = settings.JOBSITE_BEAT_LEAD
         # name -> the due time of the run being sent ahead (set by is_due, used by
@@ -116,10 +118,19 @@ class JobsiteScheduler(DatabaseScheduler):
         now = time.monotonic()
         if self._role != "active" or now - self._held_at >= self.check_every:
             if not self._hold_lock():
+                self._report()
                 return self.renew_every
             heartbeat.beat_seen_now()
+            self._report()
             self._held_at = now
         return min(super().tick(*args, **kwargs), self.renew_every)
+
+    def _report(self) -> None:
+        """Tell the pages this beat's role (jobs.heartbeat.beat_report)."""
+        try:
+            heartbeat.beat_report(self._role or "standby", self._role_since, self._sent_at)
+        except RedisError as exc:  # without Redis it sends nothing anyway (_hold_lock)
+            logger.debug("Could not report this beat: %s", exc)
 
     def schedule_changed(self) -> bool:
         now = time.monotonic()
@@ -233,6 +244,7 @@ class JobsiteScheduler(DatabaseScheduler):
 
     def apply_async(self, entry, producer=None, advance=True, **kwargs):
         result = super().apply_async(entry, producer=producer, advance=advance, **kwargs)
+        self._sent_at = time.time()
         eta = entry.options.get("eta")
         if eta is not None and result is not None:
             self._sent_ahead[entry.name] = SentAhead(
@@ -315,6 +327,8 @@ class JobsiteScheduler(DatabaseScheduler):
                 # Released at once so that a standby beat need not wait for the TTL.
                 with contextlib.suppress(LockError, RedisError):
                     self._lock.release()
+            with contextlib.suppress(RedisError):
+                heartbeat.beat_gone()  # the pages stop listing it
 
     def _hold_lock(self) -> bool:
         try:
@@ -342,6 +356,8 @@ class JobsiteScheduler(DatabaseScheduler):
             self._schedule = self.all_as_schedule()
             # None is Celery's own "rebuild the heap" (Scheduler.__init__); the stubs omit it.
             self._heap = None  # type: ignore[assignment]
+        if self._role != "active":
+            self._role_since = time.time()
         self._role = "active"
 
     def _become_standby(self) -> None:
@@ -351,6 +367,7 @@ class JobsiteScheduler(DatabaseScheduler):
                 "nothing (it takes over if the other one stops).",
                 LOCK_NAME,
             )
+            self._role_since = time.time()
         self._role = "standby"
 
 

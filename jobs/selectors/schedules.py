@@ -278,19 +278,78 @@ def schedule_runs(task: PeriodicTask, *, limit: int = 20) -> list[Job]:
 
 
 @dataclass(frozen=True)
+class BeatProcess:
+    """One beat as it reported itself on its last tick (jobs.heartbeat.beat_report)."""
+
+    host: str
+    pid: int
+    role: str  # "active" (holds the lock) or "standby"
+    since: datetime
+    tick_age: int  # seconds since its last tick
+    sent_age: int | None  # seconds since it last sent a run
+    silent: bool  # no tick for over a lock TTL: killed, or cut off
+
+    @property
+    def name(self) -> str:
+        return f"{self.host} (pid {self.pid})"
+
+
+@dataclass(frozen=True)
 class BeatStatus:
     last_seen: datetime | None
     age_seconds: int | None
     running: bool
+    processes: tuple[BeatProcess, ...] = ()
+
+    @property
+    def leader(self) -> BeatProcess | None:
+        """The beat that holds the lock now: active and ticking within a lock TTL."""
+        return next((p for p in self.processes if p.role == "active" and not p.silent), None)
+
+    @property
+    def standby(self) -> list[BeatProcess]:
+        return [p for p in self.processes if p.role == "standby" and not p.silent]
+
+    @property
+    def silent(self) -> list[BeatProcess]:
+        """Beats gone quiet: no tick for a lock TTL, or active once and overtaken (the
+        lock is another's: a killed leader's last report still says active)."""
+        leader = self.leader
+        return [p for p in self.processes
+                if p.silent or (p.role == "active" and p is not leader)]  # fmt: skip
+
+
+def beat_processes(*, now: float | None = None) -> tuple[BeatProcess, ...]:
+    """Every beat that reported lately, the latest tick first."""
+    import time as clock
+
+    now = clock.time() if now is None else now
+    ttl = settings.JOBSITE_BEAT_LOCK_TTL
+    found = []
+    for report in heartbeat.beats_reported(now):
+        try:
+            tick_age = max(0, int(now - float(report["tick"])))
+            sent = report.get("sent")
+            found.append(BeatProcess(
+                host=str(report["host"]), pid=int(report["pid"]), role=str(report["role"]),
+                since=datetime.fromtimestamp(float(report["since"]), tz=UTC),
+                tick_age=tick_age,
+                sent_age=None if sent is None else max(0, int(now - float(sent))),
+                silent=tick_age > ttl,
+            ))  # fmt: skip
+        except (KeyError, TypeError, ValueError):
+            continue
+    return tuple(found)
 
 
 def beat_status(*, now: datetime | None = None) -> BeatStatus:
     """Beat is running if it marked its heartbeat within one lock TTL (it does every tick)."""
+    processes = beat_processes()
     last_seen = heartbeat.beat_last_seen()
     if last_seen is None:
-        return BeatStatus(None, None, False)
+        return BeatStatus(None, None, False, processes)
     age = max(0, int(((now or timezone.now()) - last_seen).total_seconds()))
-    return BeatStatus(last_seen, age, age <= settings.JOBSITE_BEAT_LOCK_TTL)
+    return BeatStatus(last_seen, age, age <= settings.JOBSITE_BEAT_LOCK_TTL, processes)
 
 
 # --- Versions -------------------------------------------------------------------------

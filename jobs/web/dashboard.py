@@ -13,7 +13,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from jobs.models import JobState
-from jobs.selectors import stats
+from jobs.selectors import schedules, stats
 
 
 def _summary_context(user) -> dict:
@@ -39,7 +39,11 @@ def dashboard_summary(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 def dashboard_system(request: HttpRequest) -> HttpResponse:
-    context = {"system": stats.system_status(), "beat_warn_after": stats.BEAT_WARN_AFTER}
+    context = {
+        "system": stats.system_status(),
+        "beat_warn_after": stats.BEAT_WARN_AFTER,
+        "beat": schedules.beat_status(),  # which beat leads, which stand by
+    }
     return render(request, "jobs/partials/dashboard_system.html", context)
 
 

@@ -256,3 +256,49 @@ def test_a_second_beat_stands_by_and_does_not_double_the_runs(start_beat, job_ty
 def admin_client_for_beat(client, admin_user):
     client.force_login(admin_user)
     return client
+
+
+def test_the_pages_show_the_leader_and_a_standby_taking_over_when_it_is_killed(
+    start_beat, job_types, admin_client_for_beat
+):
+    """Issue 25 item 3: which beat holds the lock, which stands by; the leader SIGKILLed
+    (no goodbye, its lock left to expire) and the standby shown leading within the TTL."""
+    import os
+    import signal
+    import socket
+
+    changelist = reverse("admin:django_celery_beat_periodictask_changelist")
+    first = start_beat("first")
+    first.wait_for_log("it is active")
+    second = start_beat("second")
+    second.wait_for_log("this beat is on standby")
+    host = socket.gethostname()
+
+    def shown() -> tuple[str, str]:
+        page = admin_client_for_beat.get(changelist).content.decode()
+        dashboard = admin_client_for_beat.get(reverse("jobs-dashboard-system")).content.decode()
+        return page, dashboard
+
+    deadline = time.monotonic() + 10
+    while f"{host} (pid {second.process.pid})" not in shown()[0]:
+        assert time.monotonic() < deadline, shown()[0][-3000:]
+        time.sleep(0.3)
+    page, dashboard = shown()
+    assert f'<strong>Leader:</strong> <span class="mono">{host} (pid {first.process.pid})' in page
+    assert f'Standby: <span class="mono">{host} (pid {second.process.pid})' in page
+    assert f"{host} (pid {first.process.pid})" in dashboard.split('id="beat-leader"')[1]
+
+    os.kill(first.process.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    second.wait_for_log("it is active", timeout=15)
+    leader = f'<strong>Leader:</strong> <span class="mono">{host} (pid {second.process.pid})'
+    while leader not in shown()[0]:
+        assert time.monotonic() - killed_at < 15, shown()[0][-3000:]
+        time.sleep(0.3)
+    took = time.monotonic() - killed_at
+    page, dashboard = shown()
+    assert (
+        f'Silent: <span class="mono">{host} (pid {first.process.pid})</span> (was active)' in page
+    )
+    assert f"{host} (pid {second.process.pid})" in dashboard.split('id="beat-leader"')[1]
+    print(f"\nbeat takeover shown {took:.1f} s after the leader was killed (lock TTL 3 s)")

@@ -45,22 +45,24 @@ FOREIGN_APP = textwrap.dedent(
 
     app = Celery("billing", broker=os.environ["FOREIGN_BROKER_URL"])
     app.conf.task_default_queue = os.environ["FOREIGN_QUEUE"]
+    # shared=False: the test process imports this app too, and Celery would hand shared
+    # tasks to every app created after it (other tests' apps) under the same names.
 
-    @app.task
+    @app.task(shared=False)
     def add(x, y):
         return x + y
 
-    @app.task
+    @app.task(shared=False)
     def boom(message):
         raise ValueError(message)
 
-    @app.task(bind=True, max_retries=2)
+    @app.task(bind=True, max_retries=2, shared=False)
     def flaky(self, marker):
         if self.request.retries == 0:
             raise self.retry(countdown=0, exc=RuntimeError("first try fails: " + marker))
         return "ok after retry"
 
-    @app.task
+    @app.task(shared=False)
     def slow(seconds):
         time.sleep(seconds)
     """
