@@ -33,6 +33,8 @@ class JobState(models.TextChoices):
 FINISHED_STATES = frozenset({JobState.SUCCESS, JobState.FAILURE, JobState.REVOKED, JobState.LOST})
 RETRYABLE_STATES = frozenset({JobState.FAILURE, JobState.REVOKED, JobState.LOST})
 ACTIVE_STATES = frozenset({JobState.RECEIVED, JobState.STARTED, JobState.PROGRESS, JobState.RETRY})
+# Not started executing: a cancel still stops these before any job code runs.
+NOT_STARTED_STATES = (JobState.PENDING, JobState.RECEIVED, JobState.RETRY)
 
 
 class JobSource(models.TextChoices):

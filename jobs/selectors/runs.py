@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import django_filters
-from django.db.models import Q, QuerySet, TextField
+from django.db.models import Count, Q, QuerySet, TextField
 from django.db.models.functions import Cast
 from django.http import Http404
 
 from jobs import specs, workflows
 from jobs.models import (
+    NOT_STARTED_STATES,
     RETRYABLE_STATES,
     ApiToken,
     AuditEntry,
@@ -180,6 +181,22 @@ def job_types_runnable(*, user) -> list[JobType]:
 
 
 # --- Control ------------------------------------------------------------------------
+
+
+def jobs_unfinished_by_task(*, user) -> list[dict]:
+    """Per task name, the user's visible runs waiting and running (the page's counts).
+
+    The state index bounds it to the unfinished runs, however long the history.
+    """
+    waiting = Count("id", filter=Q(state__in=NOT_STARTED_STATES))
+    rows = (
+        Job.objects.visible_to(user)
+        .unfinished()
+        .values("task_name")
+        .annotate(waiting=waiting, running=Count("id", filter=~Q(state__in=NOT_STARTED_STATES)))
+        .order_by("task_name")
+    )
+    return list(rows)
 
 
 def job_can_control(*, user, job: Job) -> bool:

@@ -14,6 +14,7 @@ admin shows is what beat will fire:
 from __future__ import annotations
 
 import json
+import time as clock
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -321,8 +322,6 @@ class BeatStatus:
 
 def beat_processes(*, now: float | None = None) -> tuple[BeatProcess, ...]:
     """Every beat that reported lately, the latest tick first."""
-    import time as clock
-
     now = clock.time() if now is None else now
     ttl = settings.JOBSITE_BEAT_LOCK_TTL
     found = []

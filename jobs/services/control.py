@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from celery import current_app
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.db.models import Count, Q
 from django.utils import timezone
 
 from jobs import markers
 from jobs.models import (
     FINISHED_STATES,
+    NOT_STARTED_STATES,
     RETRYABLE_STATES,
     AuditAction,
     AuditOutcome,
@@ -21,6 +21,7 @@ from jobs.models import (
     JobSource,
     JobState,
 )
+from jobs.selectors.runs import jobs_unfinished_by_task
 from jobs.services.audit import _audit_job, audit_record
 from jobs.services.errors import BROKER_ERRORS, ActionError
 from jobs.services.fleet import task_names_controllable
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 # --- Control: cancel, terminate, retry, rerun, delete ---------------------------
 
 
-NOT_STARTED = (JobState.PENDING, JobState.RECEIVED, JobState.RETRY)
+NOT_STARTED = NOT_STARTED_STATES
 
 
 def _is_now(job: Job) -> str:
@@ -286,27 +287,13 @@ def _cancel_waiting(runs, user, task_name: str) -> list[str]:
         cancelled.extend(ids)
 
 
-def jobs_unfinished_by_task(*, user) -> list[dict]:
-    """Per task name, the user's visible runs waiting and running (the page's counts).
-
-    A read, kept next to the one write that needs it (selectors/runs.py is its proper
-    home); the state index bounds it to the unfinished runs, however long the history.
-    """
-    waiting = Count("id", filter=Q(state__in=NOT_STARTED))
-    rows = (
-        Job.objects.visible_to(user)
-        .unfinished()
-        .values("task_name")
-        .annotate(waiting=waiting, running=Count("id", filter=~Q(state__in=NOT_STARTED)))
-        .order_by("task_name")
-    )
-    return list(rows)
-
-
-def revocable_task_names(*, user) -> list[str]:
+def revocable_task_names(*, user, unfinished: list[dict] | None = None) -> list[str]:
     """The task names one may cancel by: the app's, and those of unfinished runs the user
     sees (runs of other codebases' workers, seen through events). Only matched against
-    the history; never sent to workers as a task name."""
+    the history; never sent to workers as a task name. ``unfinished``: the counts of
+    ``jobs_unfinished_by_task`` when the caller has them already."""
+    if unfinished is None:
+        unfinished = jobs_unfinished_by_task(user=user)
     names = set(task_names_controllable())
-    names.update(row["task_name"] for row in jobs_unfinished_by_task(user=user) if row["task_name"])
+    names.update(row["task_name"] for row in unfinished if row["task_name"])
     return sorted(names)

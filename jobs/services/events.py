@@ -34,7 +34,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from jobs import heartbeat, specs
-from jobs.models import AuditAction, Job, JobSource, JobState
+from jobs.models import AuditAction, Job, JobSource, JobState, JobType
 from jobs.redis import client
 from jobs.services.audit import audit_record
 
@@ -142,13 +142,11 @@ def fold(events: Iterable[dict]) -> dict[str, dict]:
         row = rows.setdefault(
             task_id, {"id": task_id, "created_at": when, "retries": 0, "executions": 0}
         )
-        if state in FINAL:
-            if row.get("state") not in FINAL:
-                row["state"], row["finished_at"] = state, when
-                row["clock"] = clock
-        elif row.get("state") not in FINAL:
-            row["state"], row["clock"] = state, clock
-        row["clock"] = max(row.get("clock", clock), clock)
+        if row.get("state") not in FINAL:  # a final state stays
+            row["state"] = state
+            if state in FINAL:
+                row["finished_at"] = when
+        row["clock"] = max(row.get("clock", clock), clock)  # the batch's newest event
         if event.get("name") and not row.get("task_name"):
             row["task_name"] = str(event["name"])[:200]
             row["params"] = event_params(row["task_name"], event.get("args"), event.get("kwargs"))
@@ -325,12 +323,27 @@ def events_store(events: list[dict]) -> int:
     rows = fold(foreign_only(events, timezone.now().timestamp()))
     if not rows:
         return 0
-    fields = [f for f in Job._meta.concrete_fields]
+    # A parent the history does not hold (its events came before the recorder ran) is
+    # not a foreign key a run can point to.
+    parents = {v["parent_id"] for v in rows.values() if v.get("parent_id")}
+    known = set(Job.objects.filter(pk__in=parents).values_list("pk", flat=True)) if parents else ()
+    catalogued = {
+        values["id"]: spec.name
+        for values in rows.values()
+        if (spec := specs.by_task_name(values.get("task_name", "")))
+    }
+    type_ids = (
+        dict(JobType.objects.filter(name__in=set(catalogued.values())).values_list("name", "pk"))
+        if catalogued
+        else {}
+    )
+    fields = list(Job._meta.concrete_fields)
     params: list = []
     for values in rows.values():
         job = Job(
             id=values["id"],
             task_name=values.get("task_name", ""),
+            job_type_id=type_ids.get(catalogued.get(values["id"], "")),
             state=values["state"],
             source=JobSource.EVENTS,
             created_at=values["created_at"],
@@ -342,7 +355,7 @@ def events_store(events: list[dict]) -> int:
             retries=values["retries"],
             executions=values["executions"],
             params=values.get("params", {}),
-            parent_id=values.get("parent_id"),
+            parent_id=values.get("parent_id") if values.get("parent_id") in known else None,
             workflow_id=values.get("workflow_id", ""),
             queue=values.get("queue", ""),
             eta=values.get("eta"),
@@ -353,37 +366,10 @@ def events_store(events: list[dict]) -> int:
             traceback=values.get("traceback", ""),
             event_clock=values["clock"],
         )
-        if values.get("task_name"):
-            spec = specs.by_task_name(values["task_name"])
-            job.job_type_id = _job_type_id(spec.name) if spec else None
         params.extend(f.get_db_prep_save(getattr(job, f.attname), connection) for f in fields)
-    # A parent the history does not hold (its events came before the recorder ran) is
-    # not a foreign key it can point to.
-    if any(v.get("parent_id") for v in rows.values()):
-        known = set(
-            Job.objects.filter(
-                pk__in=[v["parent_id"] for v in rows.values() if v.get("parent_id")]
-            ).values_list("pk", flat=True)
-        )
-        parent = next(i for i, f in enumerate(fields) if f.attname == "parent_id")
-        for n in range(len(rows)):
-            at = n * len(fields) + parent
-            if params[at] is not None and params[at] not in known:
-                params[at] = None
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_statement(fields, len(rows)), params)
     return len(rows)
-
-
-_JOB_TYPES: dict[str, int | None] = {}
-
-
-def _job_type_id(name: str) -> int | None:
-    if name not in _JOB_TYPES:
-        from jobs.models import JobType
-
-        _JOB_TYPES[name] = JobType.objects.filter(name=name).values_list("pk", flat=True).first()
-    return _JOB_TYPES[name]
 
 
 # --- Foreign workers that stop ------------------------------------------------------

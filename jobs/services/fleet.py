@@ -18,6 +18,7 @@ from jobs.models import (
     Job,
     JobState,
 )
+from jobs.selectors.workers import WorkerInfo, workers_inspect_cached
 from jobs.services.audit import audit_record
 from jobs.services.errors import BROKER_ERRORS, ActionError
 
@@ -149,16 +150,19 @@ def task_names_controllable(worker: str | None = None) -> list[str]:
     ever sent to workers as a task name. Celery's built-ins (``celery.*``) are left out.
     """
     if worker:
-        from jobs.selectors.workers import workers_inspect_cached
-
-        for info in workers_inspect_cached():
-            if info.name == worker and info.registered:
-                # Celery lists "name [rate_limit=...]" when asked for attributes.
-                names = {str(entry).split(" ", 1)[0] for entry in info.registered}
-                return sorted(name for name in names if not name.startswith("celery."))
+        info = next((i for i in workers_inspect_cached() if i.name == worker), None)
+        if info is not None and info.registered:
+            return worker_task_names(info)
     names = {spec.task_name for spec in specs.all_specs()}
     names.update(name for name in current_app.tasks if not name.startswith("celery."))
     return sorted(names)
+
+
+def worker_task_names(info: WorkerInfo) -> list[str]:
+    """The tasks a worker reported (``inspect registered``), Celery's built-ins left out."""
+    # Celery lists "name [rate_limit=...]" when asked for attributes.
+    names = {str(entry).split(" ", 1)[0] for entry in info.registered}
+    return sorted(name for name in names if not name.startswith("celery."))
 
 
 def worker_control_allowed(*, user, action: str, worker: str, **details) -> None:

@@ -286,9 +286,10 @@ def workers(request: HtmxHttpRequest) -> HttpResponse:
 
 def _workers_page(request: HtmxHttpRequest, status: int = 200) -> HttpResponse:
     found = worker_info.workers_inspect_cached()
+    app_tasks = fleet.task_names_controllable()
     context = {
         # Each card offers the tasks its worker has (another codebase's worker: its own).
-        "workers": [(w, fleet.task_names_controllable(w.name)) for w in found],
+        "workers": [(w, fleet.worker_task_names(w) if w.registered else app_tasks) for w in found],
         "queues": routing.ALL_QUEUE_NAMES,
     }
     template = "jobs/partials/workers_table.html" if request.htmx else "jobs/workers.html"
@@ -416,7 +417,8 @@ def queue_action(request: HttpRequest, name: str, action: str) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def revoke_by_name(request: HttpRequest) -> HttpResponse:
     """Cancel every unfinished run of one task that the user can see (jobs.control_jobs)."""
-    task_names = control.revocable_task_names(user=request.user)
+    unfinished = selectors.jobs_unfinished_by_task(user=request.user)
+    task_names = control.revocable_task_names(user=request.user, unfinished=unfinished)
     if request.method == "POST":
         # Refused before the input is read; the service audits the refusal.
         if not request.user.has_perm("jobs.control_jobs"):
@@ -436,7 +438,7 @@ def revoke_by_name(request: HttpRequest) -> HttpResponse:
         raise PermissionDenied("You may not cancel runs by task name.")
     else:
         form = RevokeByNameForm(task_names=task_names)
-    context = {"form": form, "unfinished": control.jobs_unfinished_by_task(user=request.user)}
+    context = {"form": form, "unfinished": unfinished}
     status = 400 if request.method == "POST" else 200
     return render(request, "jobs/revoke_by_name.html", context, status=status)
 

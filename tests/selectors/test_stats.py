@@ -71,10 +71,16 @@ def slow_ping(monkeypatch):
         return list(answered)
 
     monkeypatch.setattr(stats, "workers_online", ping)
+    saved = dict(redis.client().zrange(heartbeat.WORKERS_KEY, 0, -1, withscores=True))
     redis.client().delete(heartbeat.WORKERS_KEY)
     heartbeat.worker_seen_now("live@host")
     heartbeat.worker_seen_now("killed@host")
-    return answered
+    yield answered
+    # Names no worker answers to out, the real ones back: later tests' pages ask the
+    # heard workers by name.
+    redis.client().zrem(heartbeat.WORKERS_KEY, "live@host", "killed@host")
+    if saved:
+        redis.client().zadd(heartbeat.WORKERS_KEY, saved, nx=True)
 
 
 @pytest.mark.broker

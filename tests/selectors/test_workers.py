@@ -41,6 +41,17 @@ def test_the_follow_up_calls_ask_exactly_the_workers_that_answered(worker, monke
 # --- Replies expected from heartbeats ------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _heard_names_restored():
+    """The tests below set the heard names; later tests' pages ask the workers by them."""
+    client = redis.client()
+    saved = dict(client.zrange(heartbeat.WORKERS_KEY, 0, -1, withscores=True))
+    yield
+    client.zrem(heartbeat.WORKERS_KEY, "killed@nowhere")  # no worker answers to it
+    if saved:  # the real names the test dropped (their next heartbeats refresh them)
+        client.zadd(heartbeat.WORKERS_KEY, saved, nx=True)
+
+
 def _heard_only(*names: str) -> None:
     """The heartbeats name exactly these workers (both brokers' test workers beat)."""
     redis.client().delete(heartbeat.WORKERS_KEY)
